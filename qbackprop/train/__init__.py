@@ -1,0 +1,1 @@
+"""Training helpers: datasets and data loaders for qbackprop experiments."""
