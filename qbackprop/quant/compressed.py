@@ -27,7 +27,7 @@ class CompressedTensor:
 
     __slots__ = (
         "spec", "dtype", "device", "layout", "raw", "packed", "meta",
-        "mix_mask", "n_mixed", "nonfinite_index", "nonfinite_value",
+        "mix_mask", "n_mixed", "nonfinite_index", "nonfinite_value", "_taken",
     )  # fmt: skip
 
     def __init__(self, spec: QuantSpec, x: torch.Tensor) -> None:
@@ -42,6 +42,7 @@ class CompressedTensor:
         self.n_mixed = 0
         self.nonfinite_index: torch.Tensor | None = None
         self.nonfinite_value: torch.Tensor | None = None
+        self._taken: list[tuple[str, int | None]] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -52,9 +53,38 @@ class CompressedTensor:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this object holds (what ``nbytes`` counts)."""
-        held = [self.raw, *self.packed, *self.meta, self.mix_mask]
-        held += [self.nonfinite_index, self.nonfinite_value]
+        held = []
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            held.extend(value if isinstance(value, tuple) else [value])
         return [t for t in held if t is not None]
+
+    def take_tensors(self) -> list[torch.Tensor]:
+        """Remove and return the held tensors (``tensors()`` order); ``put_tensors`` restores.
+
+        Lets an autograd Function keep the tensors only in autograd's saved-tensor slots.
+        """
+        taken, out = [], []
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                taken.append((name, len(value)))
+                out.extend(value)
+                setattr(self, name, ())
+            elif value is not None:
+                taken.append((name, None))
+                out.append(value)
+                setattr(self, name, None)
+        self._taken = taken
+        return out
+
+    def put_tensors(self, tensors: list[torch.Tensor]) -> CompressedTensor:
+        """Give back the tensors removed by ``take_tensors``; returns self."""
+        it = iter(tensors)
+        for name, count in self._taken:
+            setattr(self, name, next(it) if count is None else tuple(next(it) for _ in range(count)))
+        self._taken = None
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -113,6 +143,9 @@ class CompressedTensor:
             f"spec={self.spec.short()!r}, nbytes={self.nbytes}, "
             f"bits_per_element={self.bits_per_element:.3f})"
         )
+
+
+_TENSOR_FIELDS = ("raw", "packed", "meta", "mix_mask", "nonfinite_index", "nonfinite_value")
 
 
 def _work_dtype(spec: QuantSpec) -> torch.dtype:

@@ -1,0 +1,1 @@
+"""autograd Functions whose forward is torch's and whose saved activations are compressed."""

@@ -1,0 +1,102 @@
+"""How our autograd Functions keep an activation for backward: packed, raw, or quantized late.
+
+Every tensor a Function keeps goes through ``ctx.save_for_backward`` (never a bare ``ctx``
+attribute), so the bytes autograd holds can be measured by saved-tensor hooks, and any user
+hook (CPU offload, ...) sees them. Tensors that are already compressed, or that a layer chose
+to keep at full precision, are *marked* so the fallback hook does not compress them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..quant import CompressedTensor, QuantSpec, compress
+from ..quant.spec import Storage
+
+_HANDLED = "_qbackprop_handled"
+
+
+def mark_handled(*tensors: torch.Tensor | None) -> None:
+    """Mark tensors that a qbackprop Function keeps as they are: the fallback skips them."""
+    for t in tensors:
+        if t is not None:
+            setattr(t, _HANDLED, True)
+
+
+def is_handled(t: torch.Tensor) -> bool:
+    return getattr(t, _HANDLED, False)
+
+
+class _Slot:
+    """What one saved activation needs besides its tensors: how to rebuild it in backward."""
+
+    __slots__ = ("kind", "shell", "count", "spec")
+
+    def __init__(self, kind: str, shell: CompressedTensor | None, count: int, spec) -> None:
+        self.kind, self.shell, self.count, self.spec = kind, shell, count, spec
+
+
+def save_for_backward(
+    ctx,
+    activations: Sequence[tuple[torch.Tensor | None, QuantSpec | None]],
+    exact: Sequence[torch.Tensor | None] = (),
+) -> None:
+    """Save activations (each compressed by its spec) and exact tensors on ``ctx``.
+
+    Args:
+        ctx: the autograd Function context.
+        activations: ``(tensor, spec)`` pairs. ``spec`` None or disabled keeps the tensor at
+            full precision; storage ``packed`` keeps only the compressed copy; ``on_backward``
+            keeps the full tensor and quantizes it when backward starts (an ablation).
+        exact: tensors kept as they are (per-channel statistics, small gates, parameters).
+
+    ``load_saved(ctx)`` in backward returns ``(activations, exact)`` in the same order.
+    """
+    slots: list[_Slot | None] = []
+    tensors: list[torch.Tensor | None] = []
+    for x, spec in activations:
+        if x is None:
+            slots.append(None)
+            continue
+        if spec is None or not spec.enabled or not x.is_floating_point():
+            mark_handled(x)
+            slots.append(_Slot("raw", None, 1, spec))
+            tensors.append(x)
+        elif spec.storage == Storage.ON_BACKWARD:
+            mark_handled(x)
+            slots.append(_Slot("late", None, 1, spec))
+            tensors.append(x)
+        else:
+            ct = compress(x, spec)
+            # The shell keeps shapes and counts; its tensors live only in autograd's slots.
+            held = ct.take_tensors()
+            mark_handled(*held)
+            slots.append(_Slot("packed", ct, len(held), spec))
+            tensors.extend(held)
+    mark_handled(*exact)
+    ctx.qbackprop_slots = slots
+    ctx.qbackprop_num_exact = len(exact)
+    ctx.save_for_backward(*tensors, *exact)
+
+
+def load_saved(ctx) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Inverse of ``save_for_backward``: dequantized activations and the exact tensors."""
+    saved = list(ctx.saved_tensors)
+    num_exact = ctx.qbackprop_num_exact
+    exact = saved[len(saved) - num_exact :] if num_exact else []
+    stored = iter(saved[: len(saved) - num_exact])
+    out: list[torch.Tensor | None] = []
+    for slot in ctx.qbackprop_slots:
+        if slot is None:
+            out.append(None)
+        elif slot.kind == "raw":
+            out.append(next(stored))
+        elif slot.kind == "late":
+            out.append(compress(next(stored), slot.spec).decompress())
+        else:
+            ct = slot.shell.put_tensors([next(stored) for _ in range(slot.count)])
+            out.append(ct.decompress())
+            ct.take_tensors()  # backward may run again with retain_graph=True
+    return out, exact

@@ -1,0 +1,77 @@
+"""Type registry for model surgery: which drop-in mixin replaces which module type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..quant import QuantSpec
+
+
+class QuantizedModule:
+    """Mixin of every drop-in layer.
+
+    A converted module keeps its object, Parameters, buffers, hooks and ``state_dict`` keys: its
+    class is swapped for ``type("Q" + Original.__name__, (Mixin, Original), {})``, so it still *is*
+    an instance of the original type and ``revert`` only swaps the class back. The mixin
+    overrides ``forward`` (same signature as the original) and reads ``self.qspec``.
+    """
+
+    family: str = ""
+    qspec: QuantSpec | None = None
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        spec = self.qspec.short() if self.qspec is not None else "off"
+        return f"{base}, qbackprop={spec}" if base else f"qbackprop={spec}"
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One registry entry: modules of type ``source`` get ``mixin``.
+
+    Args:
+        source: the original module type.
+        mixin: a ``QuantizedModule`` subclass overriding ``forward``.
+        family: ``conv | linear | batchnorm | activation | elementwise`` (for ``type:`` rules).
+        check: optional ``module -> reason`` that returns why a module cannot be converted
+            (e.g. an unsupported option), or None when it can.
+    """
+
+    source: type[nn.Module]
+    mixin: type[QuantizedModule]
+    family: str
+    check: Callable[[nn.Module], str | None] | None = None
+
+
+_REGISTRY: dict[type[nn.Module], Swap] = {}
+
+
+def register_swap(
+    source: type[nn.Module], family: str, check: Callable[[nn.Module], str | None] | None = None
+) -> Callable[[type[QuantizedModule]], type[QuantizedModule]]:
+    """Class decorator: register ``mixin`` as the drop-in for ``source`` modules."""
+
+    def decorate(mixin: type[QuantizedModule]) -> type[QuantizedModule]:
+        mixin.family = family
+        _REGISTRY[source] = Swap(source, mixin, family, check)
+        return mixin
+
+    return decorate
+
+
+def find_swap(module_type: type[nn.Module]) -> Swap | None:
+    """The entry for the most specific registered base of ``module_type`` (MRO order).
+
+    timm's ``BatchNormAct2d`` *is a* ``BatchNorm2d``: walking the MRO finds its own entry first.
+    """
+    for base in module_type.__mro__:
+        if base in _REGISTRY:
+            return _REGISTRY[base]
+    return None
+
+
+def registered_types() -> list[type[nn.Module]]:
+    return list(_REGISTRY)
