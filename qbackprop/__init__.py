@@ -1,7 +1,23 @@
 """qbackprop: train with the activations autograd saves stored as packed low-bit codes."""
 
+from .config import QuantConfig, load_config
+from .memory import LayerMemory, MemoryReport, measure_saved_activations
 from .quant import CompressedTensor, QuantSpec, compress
+from .surgery import conversion_report, convert_model, revert_model
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedTensor", "QuantSpec", "__version__", "compress"]
+__all__ = [
+    "CompressedTensor",
+    "LayerMemory",
+    "MemoryReport",
+    "QuantConfig",
+    "QuantSpec",
+    "__version__",
+    "compress",
+    "conversion_report",
+    "convert_model",
+    "load_config",
+    "measure_saved_activations",
+    "revert_model",
+]

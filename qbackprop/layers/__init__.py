@@ -1,0 +1,3 @@
+"""Drop-in layers; importing this package registers every swap in the registry."""
+
+from . import norm  # noqa: F401
