@@ -1,0 +1,99 @@
+"""Measured saved-activation memory: fp32 vs qbackprop vs per-stage checkpointing.
+
+Example:
+    python scripts/bench_memory.py                      # efficientnetv2_rw_t, batch 128, 32 px
+    python scripts/bench_memory.py --zoo --batch-size 16  # + resnet18/50, mobilenetv3, ... at 32/224
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from bench_common import build_model, checkpoint_stages, header, quiet, table
+from torch.profiler import ProfilerActivity, profile
+
+import qbackprop as qb
+
+ZOO = ["resnet18", "resnet50", "mobilenetv3_large_100", "tf_efficientnetv2_b0", "convnext_atto"]
+SPECS = {"2bit-stochastic": "2bit-stochastic", "4bit-stochastic": "4bit-stochastic"}
+MiB = 2**20
+
+
+def allocator_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Second, hook-independent measurement: memory the allocator still holds after a forward.
+
+    On CUDA from ``torch.cuda.memory_allocated``; on CPU from the profiler's memory events (the
+    net bytes allocated and not freed during the forward). Includes the (small) output.
+    """
+    model.train()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = model(x)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model(x)
+        held = sum(e.self_cpu_memory_usage for e in prof.key_averages())
+    del out
+    return held
+
+
+def checkpoint_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    ckpt = checkpoint_stages(copy.deepcopy(model))
+    return qb.measure_saved_activations(ckpt, x).fp32_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnetv2_rw_t")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--zoo", action="store_true", help="also the model zoo at 32 and 224 px")
+    parser.add_argument("--zoo-batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    quiet()
+    print(header("saved-activation memory, measured"))
+    runs = [(args.model, args.batch_size, args.image_size)]
+    if args.zoo:
+        runs += [(m, args.zoo_batch_size, s) for m in [args.model, *ZOO] for s in (32, 224)]
+    rows = []
+    for name, batch, size in runs:
+        torch.manual_seed(0)
+        model = build_model(name).to(args.device)
+        x = torch.randn(batch, 3, size, size, device=args.device)
+        ckpt = checkpoint_bytes(model, x)
+        for label, spec in SPECS.items():
+            qb.convert_model(model, spec)
+            report = qb.measure_saved_activations(model, x)
+            alloc_fp32 = alloc_conv = None
+            if (name, batch, size) == runs[0]:
+                with qb.surgery.temporarily_unconverted(model):
+                    alloc_fp32 = allocator_bytes(model, x)
+                alloc_conv = allocator_bytes(model, x)
+            rows.append([
+                name, batch, size, label,
+                f"{report.fp32_bytes / MiB:.1f}",
+                f"{report.stored_bytes / MiB:.2f}",
+                f"{report.ratio:.2f}x",
+                f"{100 * report.compressed_fraction:.1f}%",
+                f"{ckpt / MiB:.1f} ({report.fp32_bytes / ckpt:.1f}x)",
+                "" if alloc_fp32 is None else f"{alloc_fp32 / MiB:.1f} / {alloc_conv / MiB:.2f} = {alloc_fp32 / alloc_conv:.2f}x",
+            ])  # fmt: skip
+            print(table(rows[-1:], HEADERS).splitlines()[-1], flush=True)
+        qb.revert_model(model)
+    print()
+    print(table(rows, HEADERS))
+
+
+HEADERS = [
+    "model", "batch", "px", "spec", "fp32 MiB", "qbackprop MiB", "ratio",
+    "compressed", "checkpoint MiB (ratio)", "allocator fp32 / qbackprop",
+]  # fmt: skip
+
+if __name__ == "__main__":
+    main()
