@@ -42,8 +42,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run one training-mode forward pass of a timm model (random init), collect\n"
-        "the activations autograd saves for backward, compress them with qbackprop at several\n"
-        "bit widths (nearest and stochastic rounding) and print bytes, ratio and error.",
+        "the activations autograd saves for backward, compress them with qbackprop at\n"
+        "several bit widths (nearest and stochastic rounding), and print bytes, ratio\n"
+        "and error of each.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -59,10 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--draws", type=int, default=3, help="stochastic draws averaged for the bias column"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, input, rounding")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="torch intra-op threads (default: torch's own choice; 1 is faster on a busy machine)",
+    )
     args = parser.parse_args(argv)
-    for name in ("batch_size", "image_size", "bucket_size", "draws", "num_classes"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "image_size", "bucket_size", "draws", "num_classes", "threads"):
+        if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(not 1 <= b <= 32 for b in args.bits):
+        parser.error(f"--bits {args.bits}: each must be in 1..32 (32 = full precision)")
     return args
 
 
@@ -170,6 +179,8 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if hasattr(args, "threads"):
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
@@ -181,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(
         f"{args.model} (random init, {args.num_classes} classes), training-mode forward on "
-        f"{tuple(inputs.shape)}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{tuple(inputs.shape)}"
     )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(
         f"saved for backward: {len(saved)} float storages, {numel:,} elements, "
         f"{saved_bytes / MIB:.2f} MiB as fp32"
     )
-    print(f"(parameters, {param_bytes / MIB:.2f} MiB, are not counted: the optimizer keeps them)")
+    print(f"(parameters, {param_bytes / MIB:.2f} MiB, are held anyway and not counted)")
     print(f"bucket {args.bucket_size}, minmax scale; stochastic bias over {args.draws} draws\n")
 
     generator = torch.Generator().manual_seed(args.seed)
