@@ -177,7 +177,7 @@ def test_fallback_compresses_unhandled_saves_and_dedups():
 
 
 def test_fallback_skips_small_tensors():
-    model = nn.Sequential(nn.Tanh())
+    model = nn.Sequential(nn.Softmax(dim=-1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qb.convert_model(model, {"default": {"bits": 2}, "fallback_min_numel": 10**9})
