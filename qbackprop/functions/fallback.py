@@ -75,6 +75,7 @@ class FallbackCompressor:
             and t.untyped_storage().data_ptr() not in self.keep
         )
 
+    @torch.compiler.disable
     def pack(self, t: torch.Tensor):
         if not self._eligible(t):
             for observe in _OBSERVERS:
@@ -90,6 +91,7 @@ class FallbackCompressor:
         return packed
 
     @staticmethod
+    @torch.compiler.disable
     def unpack(obj):
         return obj.ct.decompress() if isinstance(obj, _Packed) else obj
 

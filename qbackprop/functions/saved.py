@@ -38,6 +38,9 @@ class _Slot:
         self.kind, self.shell, self.count, self.spec = kind, shell, count, spec
 
 
+# Compression is opaque to torch.compile (a graph break): its data-dependent sizes (mix counts,
+# non-finite side tables) and host-side draws cannot be traced; it has its own fused kernels.
+@torch.compiler.disable
 def save_for_backward(
     ctx,
     activations: Sequence[tuple[torch.Tensor | None, QuantSpec | None]],
@@ -81,6 +84,7 @@ def save_for_backward(
     ctx.save_for_backward(*tensors, *exact)
 
 
+@torch.compiler.disable
 def load_saved(ctx) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Inverse of ``save_for_backward``: dequantized activations and the exact tensors."""
     saved = list(ctx.saved_tensors)

@@ -1,0 +1,71 @@
+"""The squeeze-excite multiply ``x * gate``: the large ``x`` is saved compressed, the gate exact."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..quant import QuantSpec
+from .autocast import autocast_disabled, refuse_create_graph
+from .saved import load_saved, save_for_backward
+
+
+class GateMultiplyFunction(torch.autograd.Function):
+    """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec`` and ``gate`` exact.
+
+    Backward: ``dx = δ·gate`` (exact: it does not read ``x``) and ``dgate = Σ δ·x̃`` over the
+    broadcast dims, reduced and cast as torch's ``MulBackward`` + autograd engine do, so at
+    ``spec`` None or 32 bits both equal torch's. Meant for a small gate, e.g. ``(N, C, 1, 1)``
+    against ``(N, C, H, W)``: the gate is always kept at full precision.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+        out = x * gate
+        need_x, need_gate = ctx.needs_input_grad[:2]
+        # dgate reads x, dx reads the gate: keep each only when its partner needs a gradient.
+        save_for_backward(ctx, [(x if need_gate else None, spec)], exact=[gate if need_x else None])
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.gate_meta = (gate.shape, gate.dtype)
+        return out
+
+    @staticmethod
+    @refuse_create_graph
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        with autocast_disabled(grad.device.type):
+            (x,), (gate,) = load_saved(ctx)
+            grad_x = grad_gate = None
+            if ctx.needs_input_grad[0]:
+                shape, dtype = ctx.x_meta
+                grad_x = (grad * gate).sum_to_size(shape).to(dtype)
+            if ctx.needs_input_grad[1]:
+                shape, dtype = ctx.gate_meta
+                grad_gate = (grad * x).sum_to_size(shape).to(dtype)
+        return grad_x, grad_gate, None
+
+
+def quantized_mul(
+    x: torch.Tensor, gate: torch.Tensor, *, spec: QuantSpec | None = None
+) -> torch.Tensor:
+    """``x * gate`` (broadcasting) whose saved ``x`` is compressed by ``spec``.
+
+    Args:
+        x: the large operand, e.g. an ``(N, C, H, W)`` feature map.
+        gate: the small operand, e.g. the ``(N, C, 1, 1)`` squeeze-excite gate; kept exact.
+        spec: how the saved ``x`` is compressed; None or 32 bits keeps it exact.
+
+    Returns:
+        ``x * gate``, identical to torch's.
+    """
+    records = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
+    if not records:
+        return x * gate
+    return _mul_with_saved(x, gate, spec)
+
+
+@torch.compiler.disable
+def _mul_with_saved(x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    # Compression is not traceable by dynamo: a graph break inside a compiled model.
+    with autocast_disabled(x.device.type):
+        return GateMultiplyFunction.apply(x, gate, spec)
