@@ -9,7 +9,7 @@ from timm.layers.squeeze_excite import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
-from qbackprop.functions.elementwise import quantized_mul
+from qbackprop.functions.elementwise import gate_spec, quantized_mul
 from qbackprop.layers.registry import find_swap
 from qbackprop.layers.squeeze_excite import QuantizedSEModule, QuantizedSqueezeExcite
 from qbackprop.quant import QuantSpec, compress
@@ -122,11 +122,13 @@ def test_mul_equals_torch_at_32_bits(x_shape, gate_shape, gate_dtype):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def test_mul_8bit_dx_exact_dgate_close():
+def test_mul_8bit_dx_and_dgate_close():
     torch.manual_seed(0)
     x, gate = torch.randn(4, 32, 8, 8), torch.rand(4, 32, 1, 1)
     (out_ref, gx_ref, gg_ref), (out, gx, gg) = _mul_twin(x, gate, NEAREST8)
-    assert torch.equal(out, out_ref) and torch.equal(gx, gx_ref)
+    assert torch.equal(out, out_ref)
+    # dx reads the 8-bit gate (half a step of a range < 1 with 255 levels: < 0.2% error).
+    assert cosine(gx, gx_ref) >= 0.99999
     assert not torch.equal(gg, gg_ref) and cosine(gg, gg_ref) >= 0.999
 
 
@@ -168,10 +170,12 @@ def test_se_saved_bytes():
     torch_bytes = _saved_bytes(module, x)
     q = convert(copy.deepcopy(module), STOCH2)
     q_bytes = _saved_bytes(q, x)
-    # torch keeps x (for dgate) and the small gate; we keep x packed and the same small tensors.
+    # torch keeps x (for dgate) and the small gate; we keep x packed and the gate at 8 bits
+    # (the sigmoid keeps its derivative code, the conv_reduce input and small conv tensors).
     small = torch_bytes - x.nbytes
     assert 0 < small < x.nbytes / 100
-    assert q_bytes == compress(x.detach(), STOCH2).nbytes + small
+    packed_x = compress(x.detach(), STOCH2).nbytes
+    assert packed_x < q_bytes < packed_x * 1.05
     assert torch_bytes / q_bytes >= 14.0  # 14.7x measured; x alone: 15.3x
 
 
@@ -181,9 +185,11 @@ def test_mul_keeps_no_x_when_gate_needs_no_grad():
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = quantized_mul(x, gate, spec=STOCH2)
-    assert [t.shape for t in saved] == [gate.shape]
+    # Only the gate's packed 8-bit copy: nothing of x's size.
+    assert sum(t.numel() * t.element_size() for t in saved) == compress(gate, gate_spec(STOCH2)).nbytes
     out.sum().backward()
-    assert torch.equal(x.grad, gate.expand_as(x))
+    ref = compress(gate, gate_spec(STOCH2)).decompress().expand_as(x)
+    assert torch.equal(x.grad, ref)
 
 
 def test_mul_double_backward_raises():

@@ -1,4 +1,4 @@
-"""The squeeze-excite multiply ``x * gate``: the large ``x`` is saved compressed, the gate exact."""
+"""The squeeze-excite multiply ``x * gate``: ``x`` saved compressed, the gate at 8 bits."""
 
 from __future__ import annotations
 
@@ -10,13 +10,28 @@ from .autocast import autocast_disabled, refuse_create_graph
 from .saved import load_saved, save_for_backward
 
 
+GATE_BITS = 8
+
+
+def gate_spec(spec: QuantSpec | None) -> QuantSpec | None:
+    """How the gate is kept: 8-bit nearest (or ``spec`` when that is finer).
+
+    The gate is small next to ``x`` on large planes, but on the 1x1 / 2x2 planes of late
+    stages at CIFAR resolution it is as large as ``x``; kept at fp32 it would dominate those
+    blocks' memory. Its error enters every element of dx, so it gets 8 bits, not ``spec.bits``.
+    """
+    if spec is None or not spec.enabled or spec.bits >= GATE_BITS:
+        return spec
+    return spec.replace(bits=GATE_BITS, rounding="nearest", mix_bits=None, mix_prob=None)
+
+
 class GateMultiplyFunction(torch.autograd.Function):
-    """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec`` and ``gate`` exact.
+    """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec``, ``gate`` at 8 bits.
 
     Backward: ``dx = δ·gate`` (exact: it does not read ``x``) and ``dgate = Σ δ·x̃`` over the
     broadcast dims, reduced and cast as torch's ``MulBackward`` + autograd engine do, so at
     ``spec`` None or 32 bits both equal torch's. Meant for a small gate, e.g. ``(N, C, 1, 1)``
-    against ``(N, C, H, W)``: the gate is always kept at full precision.
+    against ``(N, C, H, W)``: the gate is kept at 8 bits (see ``gate_spec``).
     """
 
     @staticmethod
@@ -24,7 +39,8 @@ class GateMultiplyFunction(torch.autograd.Function):
         out = x * gate
         need_x, need_gate = ctx.needs_input_grad[:2]
         # dgate reads x, dx reads the gate: keep each only when its partner needs a gradient.
-        save_for_backward(ctx, [(x if need_gate else None, spec)], exact=[gate if need_x else None])
+        saved = [(x if need_gate else None, spec), (gate if need_x else None, gate_spec(spec))]
+        save_for_backward(ctx, saved)
         ctx.x_meta = (x.shape, x.dtype)
         ctx.gate_meta = (gate.shape, gate.dtype)
         return out
@@ -34,7 +50,7 @@ class GateMultiplyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         with autocast_disabled(grad.device.type):
-            (x,), (gate,) = load_saved(ctx)
+            (x, gate), _ = load_saved(ctx)
             grad_x = grad_gate = None
             if ctx.needs_input_grad[0]:
                 shape, dtype = ctx.x_meta
