@@ -127,7 +127,7 @@ def test_mul_8bit_dx_and_dgate_close():
     x, gate = torch.randn(4, 32, 8, 8), torch.rand(4, 32, 1, 1)
     (out_ref, gx_ref, gg_ref), (out, gx, gg) = _mul_twin(x, gate, NEAREST8)
     assert torch.equal(out, out_ref)
-    # dx reads the 8-bit gate (half a step of a range < 1 with 255 levels: < 0.2% error).
+    # dx reads the gate kept at 8 bits (the spec's width, as it is >= 4): < 0.2% error.
     assert cosine(gx, gx_ref) >= 0.99999
     assert not torch.equal(gg, gg_ref) and cosine(gg, gg_ref) >= 0.999
 
@@ -170,7 +170,7 @@ def test_se_saved_bytes():
     torch_bytes = _saved_bytes(module, x)
     q = convert(copy.deepcopy(module), STOCH2)
     q_bytes = _saved_bytes(q, x)
-    # torch keeps x (for dgate) and the small gate; we keep x packed and the gate at 8 bits
+    # torch keeps x (for dgate) and the small gate; we keep x packed and the gate at 4 bits
     # (the sigmoid keeps its derivative code, the conv_reduce input and small conv tensors).
     small = torch_bytes - x.nbytes
     assert 0 < small < x.nbytes / 100
@@ -185,11 +185,11 @@ def test_mul_keeps_no_x_when_gate_needs_no_grad():
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = quantized_mul(x, gate, spec=STOCH2)
-    # Only the gate's packed 8-bit copy: nothing of x's size.
+    # Only the gate's packed 4-bit copy: nothing of x's size.
     assert sum(t.numel() * t.element_size() for t in saved) == compress(gate, gate_spec(STOCH2)).nbytes
     out.sum().backward()
-    ref = compress(gate, gate_spec(STOCH2)).decompress().expand_as(x)
-    assert torch.equal(x.grad, ref)
+    step = (gate.max() - gate.min()) / 15  # 4-bit stochastic gate: error below one step
+    assert ((x.grad - gate.expand_as(x)).abs() < step * 1.01).all()
 
 
 def test_mul_double_backward_raises():

@@ -1,4 +1,4 @@
-"""The squeeze-excite multiply ``x * gate``: ``x`` saved compressed, the gate at 8 bits."""
+"""The squeeze-excite multiply ``x * gate``: ``x`` saved compressed, the gate at >= 4 bits."""
 
 from __future__ import annotations
 
@@ -10,28 +10,28 @@ from .autocast import autocast_disabled, refuse_create_graph
 from .saved import load_saved, save_for_backward
 
 
-GATE_BITS = 8
+GATE_BITS = 4
 
 
 def gate_spec(spec: QuantSpec | None) -> QuantSpec | None:
-    """How the gate is kept: 8-bit nearest (or ``spec`` when that is finer).
+    """How the gate is kept: at least 4 bits, rounded like ``spec`` (unbiased if stochastic).
 
     The gate is small next to ``x`` on large planes, but on the 1x1 / 2x2 planes of late
     stages at CIFAR resolution it is as large as ``x``; kept at fp32 it would dominate those
-    blocks' memory. Its error enters every element of dx, so it gets 8 bits, not ``spec.bits``.
+    blocks' memory. Its error enters every element of dx, so it never gets fewer than 4 bits.
     """
     if spec is None or not spec.enabled or spec.bits >= GATE_BITS:
         return spec
-    return spec.replace(bits=GATE_BITS, rounding="nearest", mix_bits=None, mix_prob=None)
+    return spec.replace(bits=GATE_BITS, mix_bits=None, mix_prob=None)
 
 
 class GateMultiplyFunction(torch.autograd.Function):
-    """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec``, ``gate`` at 8 bits.
+    """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec``, ``gate`` at >= 4 bits.
 
     Backward: ``dx = δ·gate`` (exact: it does not read ``x``) and ``dgate = Σ δ·x̃`` over the
     broadcast dims, reduced and cast as torch's ``MulBackward`` + autograd engine do, so at
     ``spec`` None or 32 bits both equal torch's. Meant for a small gate, e.g. ``(N, C, 1, 1)``
-    against ``(N, C, H, W)``: the gate is kept at 8 bits (see ``gate_spec``).
+    against ``(N, C, H, W)``: the gate is kept at >= 4 bits (see ``gate_spec``).
     """
 
     @staticmethod
