@@ -20,6 +20,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import time
 
 import torch
@@ -35,6 +36,11 @@ SPECS = {
     "4-bit nearest": {"bits": 4, "rounding": "nearest"},
     "4-bit stochastic": {"bits": 4, "rounding": "stochastic"},
     "2-bit stochastic": {"bits": 2, "rounding": "stochastic"},
+}
+VARIANTS = {  # --variants: other layouts at 2 bits, for the design notes
+    "2-bit stochastic, channel buckets": {"bits": 2, "bucket_layout": "channel"},
+    "2-bit stochastic, bucket 128": {"bits": 2, "bucket_size": 128},
+    "2/4 mix p=0.5": {"bits": 2, "mix_bits": 4, "mix_prob": 0.5},
 }
 
 
@@ -84,7 +90,7 @@ def measure(model, cfg, x, y, exact, draws: int, minibatch_var: float) -> dict:
         "ratio": noise / minibatch_var,
         "rel_error": (noise / exact.square().sum().item()) ** 0.5,
         "bias_over_noise": bias_sq / (noise / draws) if noise else float("nan"),
-        "cosine": torch.nn.functional.cosine_similarity(mean, exact, dim=0).item(),
+        "cosine": (mean.double() @ exact.double() / (mean.double().norm() * exact.double().norm())).item(),
     }
 
 
@@ -97,6 +103,8 @@ def main() -> None:
     parser.add_argument("--minibatches", type=int, default=16, help="for the fp32 variance")
     parser.add_argument("--families", action="store_true", help="also per-family contributions")
     parser.add_argument("--family-specs", default="2-bit stochastic,4-bit stochastic")
+    parser.add_argument("--variants", action="store_true", help="also other 2-bit layouts")
+    parser.add_argument("--pretrained", help="cache of the fp32-trained weights (read/written)")
     parser.add_argument("--csv", help="write the table as CSV")
     parser.add_argument("--json", help="write the results as JSON")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,7 +115,12 @@ def main() -> None:
     train, _ = build_datasets(DataSpec("digits", augment=False))
     model = build_model(args.model, drop_rate=0.0, drop_path_rate=0.0)
     start = time.perf_counter()
-    pretrain(model, train, args.train_steps, args.batch_size)
+    if args.pretrained and os.path.exists(args.pretrained):
+        model.load_state_dict(torch.load(args.pretrained))
+    else:
+        pretrain(model, train, args.train_steps, args.batch_size)
+        if args.pretrained:
+            torch.save(model.state_dict(), args.pretrained)
 
     grads = [flat_grad(model, x, y) for x, y in batches(train, args.batch_size, args.minibatches, 99)]
     stacked = torch.stack(grads)
@@ -116,7 +129,8 @@ def main() -> None:
     x, y = next(batches(train, args.batch_size, 1, 1234))
     exact = flat_grad(model, x, y)
 
-    jobs = [(label, "all", {"default": spec}) for label, spec in SPECS.items()]
+    specs = {**SPECS, **(VARIANTS if args.variants else {})}
+    jobs = [(label, "all", {"default": spec}) for label, spec in specs.items()]
     if args.families:
         for label in args.family_specs.split(","):
             for fam in [*FAMILIES, None]:
