@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) scripts/demo_compress.py
+	$(PY) scripts/demo_train.py
 
 lint: install
 	$(VENV)/bin/ruff check qbackprop tests scripts

@@ -20,12 +20,18 @@ EPILOG = """commands:
             and the measured saved-activation memory (fp32 vs converted)
   memory    the per-block memory table (stem, blocks.N, head, classifier), optional PNG
   validate  check a config and its model without running anything heavy
+  train     train a model (dataset, schedule, AMP, seeds from the train: section)
+  sweep     bit-width / rounding / bucket / mix sweeps and the layer-sensitivity study
+  plot      PNG plots of a run or a sweep directory
 
 examples:
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --batch-size 64
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --json > plan.json
   qbackprop memory configs/efficientnetv2_cifar10_2bit.yaml --plot memory.png
   qbackprop validate configs/per_layer_example.yaml
+  qbackprop train configs/digits_demo.yaml --out runs/demo train.epochs=3
+  qbackprop sweep configs/digits_demo.yaml --bits 2,4,32 --seeds 3 --out runs/sweep
+  qbackprop plot runs/sweep
 
 A config or usage mistake exits with code 2 and one line per problem on stderr.
 """
@@ -99,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML file")
     p.set_defaults(func=cmd_validate)
+
+    from .train.cli_commands import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -107,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model_and_quant(path: str, input_size: Sequence[int] | None = None):
     """``(ModelSpec, QuantConfig)`` of a config file; every problem of both sections at once."""
-    from .config import load_yaml_file
     from .config import load_config as load_quant
+    from .config import load_yaml_file
     from .models import input_size_errors, model_spec_from_dict
 
     raw = load_yaml_file(path)
@@ -229,7 +239,9 @@ def cmd_memory(args) -> int:
             f"{report.stored_bytes / MiB:.3f}",
             f"{(report.fp32_bytes - report.stored_bytes) / MiB:.3f}", f"{report.ratio:.2f}x",
         ])  # fmt: skip
-        print(_table(table, [args.by, "elements", "fp32 MiB", "converted MiB", "saved MiB", "ratio"]))
+        print(
+            _table(table, [args.by, "elements", "fp32 MiB", "converted MiB", "saved MiB", "ratio"])
+        )
     if args.plot:
         from .plots import memory_bar_chart
 

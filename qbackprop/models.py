@@ -91,7 +91,9 @@ def model_spec_from_dict(raw: Any, source: str = "<dict>") -> ModelSpec:
     for key in raw:
         if key not in MODEL_KEYS:
             close = difflib.get_close_matches(str(key), MODEL_KEYS, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else f"; allowed: {', '.join(MODEL_KEYS)}"
+            hint = (
+                f'; did you mean "{close[0]}"?' if close else f"; allowed: {', '.join(MODEL_KEYS)}"
+            )
             problems.append(f"{loc}.{key}: unknown key{hint}")
     values = {**ModelSpec().to_dict(), **raw}
     problems += _name_errors(values["name"], loc)

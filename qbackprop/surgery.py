@@ -82,7 +82,9 @@ def _swap_out(module: nn.Module) -> None:
         module.__dict__.pop("qspec", None)
 
 
-def _plan(model: nn.Module, cfg: QuantConfig, filter_fn) -> list[tuple[nn.Module, Swap, ConversionRow]]:
+def _plan(
+    model: nn.Module, cfg: QuantConfig, filter_fn
+) -> list[tuple[nn.Module, Swap, ConversionRow]]:
     plan = []
     for name, module in model.named_modules():
         swap = find_swap(original_type(module))

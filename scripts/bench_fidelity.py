@@ -62,7 +62,11 @@ def pretrain(model, dataset, steps: int, batch_size: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     epochs = steps * batch_size // len(dataset) + 1
-    it = (b for e in range(epochs) for b in batches(dataset, batch_size, len(dataset) // batch_size, e))
+    it = (
+        b
+        for e in range(epochs)
+        for b in batches(dataset, batch_size, len(dataset) // batch_size, e)
+    )
     for _ in tqdm(range(steps), desc="fp32 pre-training", leave=False):
         x, y = next(it)
         opt.zero_grad()
@@ -90,12 +94,16 @@ def measure(model, cfg, x, y, exact, draws: int, minibatch_var: float) -> dict:
         "ratio": noise / minibatch_var,
         "rel_error": (noise / exact.square().sum().item()) ** 0.5,
         "bias_over_noise": bias_sq / (noise / draws) if noise else float("nan"),
-        "cosine": (mean.double() @ exact.double() / (mean.double().norm() * exact.double().norm())).item(),
+        "cosine": (
+            mean.double() @ exact.double() / (mean.double().norm() * exact.double().norm())
+        ).item(),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="efficientnetv2_rw_t")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=150)
@@ -122,7 +130,9 @@ def main() -> None:
         if args.pretrained:
             torch.save(model.state_dict(), args.pretrained)
 
-    grads = [flat_grad(model, x, y) for x, y in batches(train, args.batch_size, args.minibatches, 99)]
+    grads = [
+        flat_grad(model, x, y) for x, y in batches(train, args.batch_size, args.minibatches, 99)
+    ]
     stacked = torch.stack(grads)
     minibatch_var = (stacked - stacked.mean(0)).square().sum(1).mean().item()
     del stacked, grads
@@ -156,7 +166,14 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
 
-HEADERS = ["spec", "compressed", "variance ratio", "rel. error (1 draw)", "bias/noise", "cosine(mean, exact)"]
+HEADERS = [
+    "spec",
+    "compressed",
+    "variance ratio",
+    "rel. error (1 draw)",
+    "bias/noise",
+    "cosine(mean, exact)",
+]
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 Example:
     python scripts/bench_memory.py                      # efficientnetv2_rw_t, batch 128, 32 px
-    python scripts/bench_memory.py --zoo --batch-size 16  # + resnet18/50, mobilenetv3, ... at 32/224
+    python scripts/bench_memory.py --zoo  # + resnet18/50, mobilenetv3, ... at 32 and 224 px
 """
 
 from __future__ import annotations
@@ -42,13 +42,21 @@ def allocator_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return held
 
 
+def _alloc(fp32: int | None, conv: int | None) -> str:
+    if fp32 is None:
+        return ""
+    return f"{fp32 / MiB:.1f} / {conv / MiB:.2f} = {fp32 / conv:.2f}x"
+
+
 def checkpoint_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     ckpt = checkpoint_stages(copy.deepcopy(model))
     return qb.measure_saved_activations(ckpt, x).fp32_bytes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="efficientnetv2_rw_t")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
@@ -82,7 +90,7 @@ def main() -> None:
                 f"{report.ratio:.2f}x",
                 f"{100 * report.compressed_fraction:.1f}%",
                 f"{ckpt / MiB:.1f} ({report.fp32_bytes / ckpt:.1f}x)",
-                "" if alloc_fp32 is None else f"{alloc_fp32 / MiB:.1f} / {alloc_conv / MiB:.2f} = {alloc_fp32 / alloc_conv:.2f}x",
+                _alloc(alloc_fp32, alloc_conv),
             ])  # fmt: skip
             print(table(rows[-1:], HEADERS).splitlines()[-1], flush=True)
         qb.revert_model(model)

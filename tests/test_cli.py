@@ -47,7 +47,9 @@ def _assert_user_error(code, err, *needles):
 def test_convert_json_reports_measured_ratio(tmp_path, capsys):
     cfg = _write(tmp_path, TINY)
     ckpt = tmp_path / "model.pt"
-    code, out, err = _run(["convert", cfg, "--batch-size", "4", "--json", "--save", str(ckpt)], capsys)
+    code, out, err = _run(
+        ["convert", cfg, "--batch-size", "4", "--json", "--save", str(ckpt)], capsys
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["fp32_bytes"] > data["converted_bytes"] > 0
@@ -121,8 +123,14 @@ def test_all_problems_reported_at_once(tmp_path, capsys):
         ("", "empty"),
         ("model: [1\n", "line"),
         ("modle:\n  name: resnet18\nquant: {default: {bits: 2}}\n", "modle"),
-        ("model:\n  name: efficientnetv2_rw_tt\nquant: {default: {bits: 2}}\n", "efficientnetv2_rw_t"),
-        ("model:\n  name: resnet18\n  input_size: [3, 32]\nquant: {default: {bits: 2}}\n", "input_size"),
+        (
+            "model:\n  name: efficientnetv2_rw_tt\nquant: {default: {bits: 2}}\n",
+            "efficientnetv2_rw_t",
+        ),
+        (
+            "model:\n  name: resnet18\n  input_size: [3, 32]\nquant: {default: {bits: 2}}\n",
+            "input_size",
+        ),
         (TINY + "  layers:\n    - match: blocks.99.*\n      bits: 8\n", "blocks.99"),
     ],
 )

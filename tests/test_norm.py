@@ -8,7 +8,6 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import qbackprop as qb
-from qbackprop.quant import QuantSpec
 
 CASES = [
     (nn.BatchNorm2d, (8, 6, 5, 5)),
@@ -121,8 +120,8 @@ def test_channels_last_and_bf16():
 def test_double_backward_raises():
     ref, conv = _pair(nn.BatchNorm2d, {"default": {"bits": 4}})
     x = torch.randn(4, 6, 3, 3, requires_grad=True)
-    (gx,) = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="double backward|differentiate twice"):
+        (gx,) = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
         gx.sum().backward()
 
 

@@ -186,7 +186,9 @@ def test_mul_keeps_no_x_when_gate_needs_no_grad():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = quantized_mul(x, gate, spec=STOCH2)
     # Only the gate's packed 4-bit copy: nothing of x's size.
-    assert sum(t.numel() * t.element_size() for t in saved) == compress(gate, gate_spec(STOCH2)).nbytes
+    assert (
+        sum(t.numel() * t.element_size() for t in saved) == compress(gate, gate_spec(STOCH2)).nbytes
+    )
     out.sum().backward()
     step = (gate.max() - gate.min()) / 15  # 4-bit stochastic gate: error below one step
     assert ((x.grad - gate.expand_as(x)).abs() < step * 1.01).all()

@@ -52,10 +52,14 @@ def test_state_dict_round_trip_both_directions():
         for p in conv.parameters():
             p.add_(1.0)
     plain.load_state_dict(conv.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), conv.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.parameters(), conv.parameters(), strict=True)
+    )
     fresh = qb.convert_model(Toy(), "4bit-nearest")
     fresh.load_state_dict(plain.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), fresh.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.parameters(), fresh.parameters(), strict=True)
+    )
 
 
 def test_revert_restores_original_classes():

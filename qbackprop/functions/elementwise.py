@@ -9,7 +9,6 @@ from ..quant import QuantSpec
 from .autocast import autocast_disabled, refuse_create_graph
 from .saved import load_saved, save_for_backward
 
-
 GATE_BITS = 4
 
 

@@ -10,7 +10,7 @@ from .registry import QuantizedModule, register_swap
 
 
 class _BatchNormMixin(QuantizedModule):
-    """torch's ``_BatchNorm.forward`` logic (momentum, cumulative average, eval) with our Function."""
+    """torch's ``_BatchNorm.forward`` logic (momentum, cumulative average, eval), our Function."""
 
     def _qbackprop_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

@@ -41,6 +41,8 @@ class Buckets:
 
 def _memory_order(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """Dims sorted outermost-first by stride, and the strides if ``x`` is dense (no gaps)."""
+    if x.is_contiguous():  # the common case, without the sort
+        return tuple(range(x.dim())), tuple(x.stride())
     perm = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
     permuted = x.permute(perm)
     if permuted.is_contiguous():
@@ -61,14 +63,21 @@ def plan_buckets(x: torch.Tensor, spec: QuantSpec) -> Buckets:
     return Buckets(tuple(x.shape), stride, perm, channel, rows, row_len, per_row, bucket_len)
 
 
+def flat_view(x: torch.Tensor, layout: Buckets) -> torch.Tensor:
+    """The flat layout's single row: ``x`` in memory order, a view unless ``x`` has gaps."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if layout.stride is not None:
+        return x.permute(layout.perm).reshape(-1)  # a view: memory order, no copy
+    return x.reshape(-1)
+
+
 def to_buckets(x: torch.Tensor, layout: Buckets, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a ``(num_buckets, bucket_len)`` matrix of ``dtype``."""
     if layout.channel:
         rows = x.transpose(0, 1).reshape(layout.rows, layout.row_len)
-    elif layout.stride is not None:
-        rows = x.permute(layout.perm).reshape(1, -1)  # a view: memory order, no copy
     else:
-        rows = x.reshape(1, -1)
+        rows = flat_view(x, layout).view(1, -1)
     rows = rows.to(dtype)
     pad = layout.per_row * layout.bucket_len - layout.row_len
     if pad:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .buckets import Buckets, from_buckets, plan_buckets, to_buckets
 from .deterministic import nearest_codes
 from .packing import pack_codes, unpack_codes
@@ -82,7 +83,9 @@ class CompressedTensor:
         """Give back the tensors removed by ``take_tensors``; returns self."""
         it = iter(tensors)
         for name, count in self._taken:
-            setattr(self, name, next(it) if count is None else tuple(next(it) for _ in range(count)))
+            setattr(
+                self, name, next(it) if count is None else tuple(next(it) for _ in range(count))
+            )
         self._taken = None
         return self
 
@@ -100,7 +103,9 @@ class CompressedTensor:
         """Bit width of each bucket: an int when uniform, else a ``(buckets, 1)`` tensor."""
         spec, layout = self.spec, self.layout
         if self.mix_mask is None:
-            return spec.mix_bits if self.n_mixed and self.n_mixed == layout.num_buckets else spec.bits
+            return (
+                spec.mix_bits if self.n_mixed and self.n_mixed == layout.num_buckets else spec.bits
+            )
         mask = unpack_codes(self.mix_mask, 1, layout.num_buckets).bool()
         return torch.where(mask, spec.mix_bits, spec.bits).view(-1, 1)
 
@@ -123,6 +128,9 @@ class CompressedTensor:
         """The dequantized tensor: original shape, dtype, device and memory format."""
         if self.raw is not None:
             return self.raw
+        out = fused.decompress_fused(self)
+        if out is not None:
+            return out
         layout = self.layout
         work = _work_dtype(self.spec)
         q = self.codes().to(work)
@@ -221,6 +229,9 @@ def compress(
 ) -> CompressedTensor:
     """Compress ``x`` to packed low-bit codes with per-bucket scaling.
 
+    Large tensors may take the compiled kernels of ``fused.py`` (see there for when); they
+    store the same bytes (nearest) or the same distribution (stochastic) as this eager path.
+
     Args:
         x: any tensor. Non-float tensors, empty tensors and ``bits=32`` are kept as they are
             (no copy).
@@ -238,6 +249,11 @@ def compress(
         return out
     layout = plan_buckets(x, spec)
     out.layout = layout
+    result = fused.compress_fused(x.detach(), spec, layout, generator)
+    # One scalar read (a sync on CUDA): buckets with NaN/Inf are redone on the eager path.
+    if result is not None and not bool(result[2]):
+        out.packed, out.meta = (result[0],), result[1]
+        return out
     matrix = to_buckets(x.detach(), layout, _work_dtype(spec))
     stats = _bucket_stats(matrix, spec)
     # One small check (a sync on CUDA) keeps NaN/Inf from poisoning a bucket's scale.

@@ -1,4 +1,4 @@
-"""Nearest rounding through Brevitas's integer quantizer, with our per-bucket scale and zero-point."""
+"""Nearest rounding via Brevitas's integer quantizer, with our per-bucket scale and zero-point."""
 
 from __future__ import annotations
 

@@ -102,7 +102,9 @@ class QuantSpec:
     def enabled(self) -> bool:
         """False when nothing is quantized (bits 32 and no mix)."""
         return self.bits < FULL_PRECISION_BITS or (
-            self.mix_bits is not None and self.mix_bits < FULL_PRECISION_BITS and bool(self.mix_prob)
+            self.mix_bits is not None
+            and self.mix_bits < FULL_PRECISION_BITS
+            and bool(self.mix_prob)
         )
 
     @property

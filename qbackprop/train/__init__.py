@@ -1,1 +1,1 @@
-"""Training helpers: datasets and data loaders for qbackprop experiments."""
+"""Training: datasets, the training loop, checkpoints, sweeps and their plots."""
