@@ -31,7 +31,8 @@ format: install
 	$(VENV)/bin/ruff format qbackprop tests scripts
 
 bench: install
-	$(PY) scripts/bench_compress.py
+	QBACKPROP_FUSED=1 $(PY) scripts/bench_compress.py --threads 1
+	QBACKPROP_FUSED=0 $(PY) scripts/bench_compress.py --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
