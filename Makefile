@@ -33,6 +33,7 @@ format: install
 bench: install
 	QBACKPROP_FUSED=1 $(PY) scripts/bench_compress.py --threads 1
 	QBACKPROP_FUSED=0 $(PY) scripts/bench_compress.py --threads 1
+	cd scripts && ../$(PY) bench_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

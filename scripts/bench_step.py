@@ -1,0 +1,113 @@
+"""Training-step time and saved-activation memory: fp32 vs qbackprop vs per-stage checkpointing.
+
+One full step (forward, backward, AdamW step) per variant, the variants interleaved round by
+round so that they share the machine's state; medians and ratios to fp32.
+
+Example:
+    python scripts/bench_step.py --models efficientnetv2_rw_t,resnet18 --batch-size 64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from bench_common import build_model, checkpoint_stages, header, quiet, table
+
+import qbackprop as qb
+
+VARIANTS = {
+    "fp32": None,
+    "2-bit stochastic": "2bit-stochastic",
+    "4-bit nearest": "4bit-nearest",
+    "2/4 mix": "2/4-mix",
+    "checkpoint per stage": "checkpoint",
+}
+MiB = 2**20
+
+
+def make_variant(base: torch.nn.Module, how: str | None) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    if how == "checkpoint":
+        return checkpoint_stages(model)
+    if how is not None:
+        qb.convert_model(model, how)
+    return model
+
+
+def step(model, opt, x, y) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_cuda_step(model, opt, x, y) -> int | None:
+    if not x.is_cuda:
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    step(model, opt, x, y)
+    return torch.cuda.max_memory_allocated()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="efficientnetv2_rw_t,resnet18")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(header("training-step time, interleaved"))
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        base = build_model(name).to(args.device)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+        y = torch.randint(0, 10, (args.batch_size,), device=args.device)
+        models = {k: make_variant(base, v) for k, v in VARIANTS.items()}
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+        for k in models:  # warm-up (and the fused path's compile, where it applies)
+            step(models[k], opts[k], x, y)
+        times = {k: [] for k in models}
+        for _ in range(args.rounds):
+            for k in models:
+                times[k].append(step(models[k], opts[k], x, y))
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        for k, model in models.items():
+            if k == "checkpoint per stage":
+                saved = qb.measure_saved_activations(model, x).fp32_bytes
+            else:
+                report = qb.measure_saved_activations(model, x)
+                saved = report.stored_bytes
+            peak = peak_cuda_step(model, opts[k], x, y)
+            rows.append([
+                name, k, f"{medians[k] * 1e3:.0f}", f"{medians[k] / medians['fp32']:.2f}x",
+                f"{saved / MiB:.1f}", "" if peak is None else f"{peak / MiB:.0f}",
+            ])  # fmt: skip
+            print(table(rows[-1:], HEADERS).splitlines()[-1], flush=True)
+    print()
+    print(table(rows, HEADERS))
+
+
+HEADERS = [
+    "model", "variant", "step ms (median)", "vs fp32", "saved activations MiB",
+    "peak CUDA MiB",
+]  # fmt: skip
+
+if __name__ == "__main__":
+    main()
