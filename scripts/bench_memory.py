@@ -62,13 +62,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--zoo", action="store_true", help="also the model zoo at 32 and 224 px")
     parser.add_argument("--zoo-batch-size", type=int, default=16)
+    parser.add_argument("--zoo-models", default=",".join(ZOO), help="comma-separated timm names")
+    parser.add_argument("--skip-main", action="store_true", help="only the zoo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     quiet()
     print(header("saved-activation memory, measured"))
-    runs = [(args.model, args.batch_size, args.image_size)]
+    runs = [] if args.skip_main else [(args.model, args.batch_size, args.image_size)]
     if args.zoo:
-        runs += [(m, args.zoo_batch_size, s) for m in [args.model, *ZOO] for s in (32, 224)]
+        zoo = args.zoo_models.split(",")
+        zoo = zoo if args.skip_main else [args.model, *zoo]
+        runs += [(m, args.zoo_batch_size, s) for m in zoo for s in (32, 224)]
     rows = []
     for name, batch, size in runs:
         torch.manual_seed(0)
