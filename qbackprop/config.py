@@ -70,6 +70,7 @@ _FLAG_CHECKS = {
     "fallback": _bool_errors,
     "allow_unmatched": _bool_errors,
     "fallback_min_numel": _numel_errors,
+    "share": _bool_errors,
 }
 QUANT_KEYS = ("schema_version", "default", "layers", *_FLAG_CHECKS)
 
@@ -173,6 +174,10 @@ class QuantConfig:
         fallback: compress tensors saved by ops that have no custom autograd Function.
         allow_unmatched: accept rules that match no module (otherwise an error).
         fallback_min_numel: tensors smaller than this, saved by fallback ops, stay uncompressed.
+        share: a BatchNorm output (after its activation) that a converted conv, linear or
+            squeeze-excite layer consumes is stored once, as BatchNorm's x̂ at twice the bits,
+            and rebuilt for the consumer; likewise the squeeze-excite product. Same bytes as
+            two b-bit copies, far smaller gradient error (docs/design-notes.md).
 
     Raises:
         ConfigError: listing every problem, e.g. a rule override the default makes invalid.
@@ -183,6 +188,7 @@ class QuantConfig:
     fallback: bool = True
     allow_unmatched: bool = False
     fallback_min_numel: int = 1024
+    share: bool = True
     # name, family -> spec; filled by spec_for, which runs once per module during conversion
     _spec_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -250,6 +256,7 @@ class QuantConfig:
             "fallback": self.fallback,
             "allow_unmatched": self.allow_unmatched,
             "fallback_min_numel": self.fallback_min_numel,
+            "share": self.share,
         }
 
     @classmethod

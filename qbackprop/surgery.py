@@ -14,6 +14,7 @@ from torch import nn
 from . import layers  # noqa: F401  (importing registers every drop-in layer)
 from .config import QuantConfig, as_quant_config
 from .errors import ConfigError
+from .functions import shared
 from .functions.fallback import FallbackScope
 from .layers.registry import QuantizedModule, Swap, find_swap
 from .quant import QuantSpec
@@ -68,11 +69,13 @@ def _why_not(module: nn.Module, swap: Swap) -> str:
     return swap.check(module) or "" if swap.check else ""
 
 
-def _swap_in(module: nn.Module, swap: Swap, spec: QuantSpec) -> None:
+def _swap_in(module: nn.Module, swap: Swap, spec: QuantSpec, share: bool) -> None:
     source = original_type(module)
     module.__class__ = _quantized_class(swap.mixin, source)
     setattr(module, _ORIGINAL, source)
     module.qspec = spec
+    module.qshare = share
+    shared.forget(module)  # a new config learns again which outputs feed converted layers
 
 
 def _swap_out(module: nn.Module) -> None:
@@ -80,6 +83,8 @@ def _swap_out(module: nn.Module) -> None:
         module.__class__ = original_type(module)
         module.__dict__.pop(_ORIGINAL, None)
         module.__dict__.pop("qspec", None)
+        module.__dict__.pop("qshare", None)
+        shared.forget(module)
 
 
 def _plan(
@@ -144,7 +149,7 @@ def convert_model(
         )
     for module, swap, row in plan:
         if row.converted:
-            _swap_in(module, swap, row.spec)
+            _swap_in(module, swap, row.spec, cfg.share)
         else:
             _swap_out(module)
     _set_fallback(model, cfg)

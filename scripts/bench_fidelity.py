@@ -41,6 +41,7 @@ VARIANTS = {  # --variants: other layouts at 2 bits, for the design notes
     "2-bit stochastic, channel buckets": {"bits": 2, "bucket_layout": "channel"},
     "2-bit stochastic, bucket 128": {"bits": 2, "bucket_size": 128},
     "2/4 mix p=0.5": {"bits": 2, "mix_bits": 4, "mix_prob": 0.5},
+    "2-bit stochastic, share off": {"bits": 2, "share": False},
 }
 
 
@@ -74,6 +75,13 @@ def pretrain(model, dataset, steps: int, batch_size: int) -> None:
         opt.step()
 
 
+def as_config(spec: dict) -> dict:
+    """A ``quant:`` section from a spec whose optional ``share`` key is a config flag."""
+    spec = dict(spec)
+    share = spec.pop("share", True)
+    return {"default": spec, "share": share}
+
+
 def family_only(spec: dict, family: str | None) -> dict:
     """Compress only one layer family (or only the fallback when family is None)."""
     others = [f for f in FAMILIES if f != family]
@@ -83,6 +91,8 @@ def family_only(spec: dict, family: str | None) -> dict:
 
 def measure(model, cfg, x, y, exact, draws: int, minibatch_var: float) -> dict:
     qmodel = qb.convert_model(copy.deepcopy(model), cfg)
+    # The first step learns which BatchNorm outputs are shared (as in training): not counted.
+    flat_grad(qmodel, x, y)
     total_sq, mean = 0.0, torch.zeros_like(exact)
     for _ in range(draws):
         g = flat_grad(qmodel, x, y)
@@ -140,7 +150,7 @@ def main() -> None:
     exact = flat_grad(model, x, y)
 
     specs = {**SPECS, **(VARIANTS if args.variants else {})}
-    jobs = [(label, "all", {"default": spec}) for label, spec in specs.items()]
+    jobs = [(label, "all", as_config(spec)) for label, spec in specs.items()]
     if args.families:
         for label in args.family_specs.split(","):
             for fam in [*FAMILIES, None]:

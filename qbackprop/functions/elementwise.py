@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
+from . import shared
 from .autocast import autocast_disabled, refuse_create_graph
 from .saved import load_saved, save_for_backward
 
@@ -34,12 +35,16 @@ class GateMultiplyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None, sources: list | None
+    ) -> torch.Tensor:
         out = x * gate
         need_x, need_gate = ctx.needs_input_grad[:2]
         # dgate reads x, dx reads the gate: keep each only when its partner needs a gradient.
         saved = [(x if need_gate else None, spec), (gate if need_x else None, gate_spec(spec))]
-        save_for_backward(ctx, saved)
+        kept = save_for_backward(ctx, saved)
+        if sources is not None:
+            sources.extend(kept)
         ctx.x_meta = (x.shape, x.dtype)
         ctx.gate_meta = (gate.shape, gate.dtype)
         return out
@@ -57,11 +62,15 @@ class GateMultiplyFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 shape, dtype = ctx.gate_meta
                 grad_gate = (grad * x).sum_to_size(shape).to(dtype)
-        return grad_x, grad_gate, None
+        return grad_x, grad_gate, None, None
 
 
 def quantized_mul(
-    x: torch.Tensor, gate: torch.Tensor, *, spec: QuantSpec | None = None
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    spec: QuantSpec | None = None,
+    share: bool = False,
 ) -> torch.Tensor:
     """``x * gate`` (broadcasting) whose saved ``x`` is compressed by ``spec``.
 
@@ -69,6 +78,8 @@ def quantized_mul(
         x: the large operand, e.g. an ``(N, C, H, W)`` feature map.
         gate: the small operand, e.g. the ``(N, C, 1, 1)`` squeeze-excite gate; kept exact.
         spec: how the saved ``x`` is compressed; None or 32 bits keeps it exact.
+        share: tag the product with a ``Recipe`` (``shared.py``) so that a converted layer
+            consuming it rebuilds it from the saved ``x`` and gate instead of storing it again.
 
     Returns:
         ``x * gate``, identical to torch's.
@@ -76,11 +87,17 @@ def quantized_mul(
     records = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
     if not records:
         return x * gate
-    return _mul_with_saved(x, gate, spec)
+    return _mul_with_saved(x, gate, spec, share)
 
 
 @torch.compiler.disable
-def _mul_with_saved(x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+def _mul_with_saved(
+    x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None, share: bool
+) -> torch.Tensor:
     # Compression is not traceable by dynamo: a graph break inside a compiled model.
+    sources: list | None = [] if share and spec is not None and spec.enabled else None
     with autocast_disabled(x.device.type):
-        return GateMultiplyFunction.apply(x, gate, spec)
+        out = GateMultiplyFunction.apply(x, gate, spec, sources)
+    if sources and all(s is not None for s in sources):
+        shared.tag(out, shared.product(sources[0], sources[1], out.dtype))
+    return out

@@ -83,6 +83,7 @@ class BatchNormFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
         spec: QuantSpec | None,
+        sources: list | None,
     ) -> torch.Tensor:
         # aten's own kernel: identical output and identical running-statistics update to torch.
         out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
@@ -102,7 +103,9 @@ class BatchNormFunction(torch.autograd.Function):
             return out
         ndim = x.dim()
         xhat = (x.float() - _channel_view(mean.float(), ndim)) * _channel_view(invstd, ndim)
-        save_for_backward(ctx, [(xhat.to(x.dtype), spec)], exact=[weight, invstd])
+        saved = save_for_backward(ctx, [(xhat.to(x.dtype), spec)], exact=[weight, invstd])
+        if sources is not None:
+            sources.extend(saved)  # the caller tags the output (see functions/shared.py)
         return out
 
     @staticmethod
@@ -129,7 +132,7 @@ class BatchNormFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = batch_norm_backward_from_xhat(
                 grad, saved, weight, invstd, ctx.training, needs
             )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -148,12 +151,22 @@ def batch_norm(
     momentum: float,
     eps: float,
     spec: QuantSpec | None,
+    *,
+    sources: list | None = None,
 ) -> torch.Tensor:
-    """Drop-in for ``F.batch_norm`` (same argument order) with a compressed saved x̂."""
-    if x.numel() == 0:
+    """Drop-in for ``F.batch_norm`` (same argument order) with a compressed saved x̂.
+
+    ``sources``, when given, receives the ``Recipe`` of the saved x̂ (nothing at 32 bits or when
+    no gradient is recorded), from which a caller can tag the output for sharing.
+    """
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if x.numel() == 0 or not records:
+        # Nothing will be saved: torch's own op (eval speed, running stats updated the same).
         return torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps
         )
     return BatchNormFunction.apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, spec
+        x, weight, bias, running_mean, running_var, training, momentum, eps, spec, sources
     )

@@ -14,6 +14,7 @@ import torch
 
 from ..quant import CompressedTensor, QuantSpec, compress
 from ..quant.spec import Storage
+from .shared import Leaf, Recipe, identity, leaf_bits, usable_recipe
 
 _HANDLED = "_qbackprop_handled"
 
@@ -32,10 +33,13 @@ def is_handled(t: torch.Tensor) -> bool:
 class _Slot:
     """What one saved activation needs besides its tensors: how to rebuild it in backward."""
 
-    __slots__ = ("kind", "shell", "count", "spec")
+    __slots__ = ("kind", "shell", "count", "spec", "recipe")
 
-    def __init__(self, kind: str, shell: CompressedTensor | None, count: int, spec) -> None:
+    def __init__(
+        self, kind: str, shell: CompressedTensor | None, count: int, spec, recipe=None
+    ) -> None:
         self.kind, self.shell, self.count, self.spec = kind, shell, count, spec
+        self.recipe = recipe
 
 
 # Compression is opaque to torch.compile (a graph break): its data-dependent sizes (mix counts,
@@ -45,7 +49,7 @@ def save_for_backward(
     ctx,
     activations: Sequence[tuple[torch.Tensor | None, QuantSpec | None]],
     exact: Sequence[torch.Tensor | None] = (),
-) -> None:
+) -> list[Recipe | None]:
     """Save activations (each compressed by its spec) and exact tensors on ``ctx``.
 
     Args:
@@ -55,22 +59,40 @@ def save_for_backward(
             keeps the full tensor and quantizes it when backward starts (an ablation).
         exact: tensors kept as they are (per-channel statistics, small gates, parameters).
 
+    An activation that carries a usable ``Recipe`` (see ``shared.py``: e.g. a BatchNorm output)
+    is not compressed again: the producer's packed tensors are saved once more (same storage,
+    no new bytes) and the activation is rebuilt from them in backward.
+
     ``load_saved(ctx)`` in backward returns ``(activations, exact)`` in the same order.
+
+    Returns:
+        For each activation, a ``Recipe`` that rebuilds it from what was saved (None for a
+        missing activation or storage ``on_backward``), for a producer to tag its output with.
     """
     slots: list[_Slot | None] = []
     tensors: list[torch.Tensor | None] = []
+    sources: list[Recipe | None] = []
     for x, spec in activations:
         if x is None:
             slots.append(None)
+            sources.append(None)
             continue
         if spec is None or not spec.enabled or not x.is_floating_point():
             mark_handled(x)
             slots.append(_Slot("raw", None, 1, spec))
             tensors.append(x)
+            sources.append(_source(Leaf(None, (x,), leaf_bits(None)), x.dtype))
         elif spec.storage == Storage.ON_BACKWARD:
             mark_handled(x)
             slots.append(_Slot("late", None, 1, spec))
             tensors.append(x)
+            sources.append(None)
+        elif (recipe := usable_recipe(x, spec)) is not None:
+            held = recipe.tensors()
+            mark_handled(*held)
+            slots.append(_Slot("recipe", None, len(held), spec, recipe.stub()))
+            tensors.extend(held)
+            sources.append(recipe)
         else:
             ct = compress(x, spec)
             # The shell keeps shapes and counts; its tensors live only in autograd's slots.
@@ -78,10 +100,16 @@ def save_for_backward(
             mark_handled(*held)
             slots.append(_Slot("packed", ct, len(held), spec))
             tensors.extend(held)
+            sources.append(_source(Leaf(ct, tuple(held), leaf_bits(spec)), x.dtype))
     mark_handled(*exact)
     ctx.qbackprop_slots = slots
     ctx.qbackprop_num_exact = len(exact)
     ctx.save_for_backward(*tensors, *exact)
+    return sources
+
+
+def _source(leaf: Leaf, dtype: torch.dtype) -> Recipe:
+    return Recipe((leaf,), (), identity, True, None, dtype)
 
 
 @torch.compiler.disable
@@ -99,6 +127,8 @@ def load_saved(ctx) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None
             out.append(next(stored))
         elif slot.kind == "late":
             out.append(compress(next(stored), slot.spec).decompress())
+        elif slot.kind == "recipe":
+            out.append(slot.recipe.rebuild([next(stored) for _ in range(slot.count)]))
         else:
             ct = slot.shell.put_tensors([next(stored) for _ in range(slot.count)])
             out.append(ct.decompress())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..functions import activation as act
+from ..functions import shared
 from ..functions.activation import Activation, quantized_activation, recomputed_backward
 from .conv import forward_override_check
 from .registry import QuantizedModule, register_swap
@@ -33,10 +34,13 @@ class _ActivationMixin(QuantizedModule):
         raise NotImplementedError
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fn = self.activation()
+        recipe = shared.recipe_of(input)  # read before an in-place activation changes it
         # Modules without an ``inplace`` attribute (GELU, Softplus, timm's dummies) never are.
-        return quantized_activation(
-            input, self.activation(), self.qspec, getattr(self, "inplace", False)
-        )
+        out = quantized_activation(input, fn, self.qspec, getattr(self, "inplace", False))
+        if recipe is not None:  # a BatchNorm output: the activation of it is rebuildable too
+            shared.tag(out, recipe.then(functools.partial(fn.forward, inplace=False), out.dtype))
+        return out
 
 
 @_register(nn.ReLU)

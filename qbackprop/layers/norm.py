@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..functions import shared
 from ..functions.norm import batch_norm
 from .registry import QuantizedModule, register_swap
 
@@ -21,7 +22,12 @@ class _BatchNormMixin(QuantizedModule):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return batch_norm(
+        spec, sources = self.qspec, None
+        if self.qshare and spec is not None and spec.enabled:
+            sources = []
+            if shared.feeds_converted(self):
+                spec = shared.widen(spec)  # one copy serves BN and its consumer: see shared.py
+        out = batch_norm(
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -30,8 +36,14 @@ class _BatchNormMixin(QuantizedModule):
             use_batch_stats,
             factor,
             self.eps,
-            self.qspec,
+            spec,
+            sources=sources,
         )
+        if sources and sources[0] is not None:
+            affine = (self.weight, self.bias) if self.affine else ()
+            ready = shared.feeds_converted(self)
+            shared.tag(out, shared.affine(sources[0], affine, out.dtype, ready, self))
+        return out
 
 
 @register_swap(nn.BatchNorm1d, "batchnorm")

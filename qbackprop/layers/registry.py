@@ -21,6 +21,7 @@ class QuantizedModule:
 
     family: str = ""
     qspec: QuantSpec | None = None
+    qshare: bool = False  # QuantConfig.share: a BatchNorm output may serve its consumer
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]

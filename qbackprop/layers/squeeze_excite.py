@@ -26,7 +26,7 @@ class QuantizedSqueezeExcite(QuantizedModule):
         x_se = clone_under_compile(self.conv_reduce(x_se))
         x_se = self.act1(x_se)
         x_se = self.conv_expand(x_se)
-        return quantized_mul(x, self.gate(x_se), spec=self.qspec)
+        return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)
 
 
 @register_swap(SEModule, "elementwise", check=forward_override_check(SEModule))
@@ -41,4 +41,4 @@ class QuantizedSEModule(QuantizedModule):
         x_se = clone_under_compile(self.fc1(x_se))  # see clone_under_compile
         x_se = self.act(self.bn(x_se))
         x_se = self.fc2(x_se)
-        return quantized_mul(x, self.gate(x_se), spec=self.qspec)
+        return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)

@@ -1,0 +1,219 @@
+"""Saved activations shared between layers: an output rebuilt from what its producer keeps.
+
+A converted BatchNorm keeps x̂ for its own backward; its output ``x̂·w + b`` (after the
+activation of a ``BatchNormAct2d``, or of a following converted activation module) is exactly
+what the next convolution, linear or squeeze-excite layer saves again. Instead, the output
+tensor carries a ``Recipe``: the packed tensors autograd already keeps for the producer plus a
+pure function that rebuilds the output from them. A consumer that finds a usable recipe on its
+input saves the *same* packed tensors (same storage: no new bytes) and rebuilds its input in
+backward. The squeeze-excite multiply ``x * gate`` tags its output the same way, so the
+projection conv after it saves nothing.
+
+Sharing turns two b-bit copies into one, and the producer spends those bytes on precision: a
+BatchNorm whose output feeds a converted layer keeps x̂ at ``2·b`` bits (``widen``). Which
+BatchNorms feed converted layers is learned in the first forward with gradients (a consumer
+marks its producer); until then every layer keeps its own copy.
+
+Tags are plain attributes on tensor objects, checked against the tensor's version counter: an
+in-place change after tagging (``out += shortcut``), a view, a cast or a dropout gives a
+tensor without a valid recipe, and the consumer keeps its own copy as before.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import CompressedTensor, QuantSpec
+
+_TAG = "_qbackprop_recipe"
+_FEEDS = "_qbackprop_feeds"  # set on a producer module once a consumer asked for its output
+FULL_BITS = 32
+
+Build = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One stored tensor: a compressed copy (``shell`` with its tensors taken) or a raw one."""
+
+    shell: CompressedTensor | None
+    tensors: tuple[torch.Tensor, ...]
+    bits: int
+
+    def load(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.shell is None:
+            return tensors[0]
+        # A private copy of the shell: producer and consumers put/take their tensors in turn.
+        ct = copy.copy(self.shell).put_tensors(tensors)
+        return ct.decompress()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to rebuild a tensor from stored leaves and exact tensors (parameters).
+
+    Args:
+        leaves: the stored tensors, as autograd keeps them for the producer.
+        exact: tensors kept as they are (affine parameters).
+        build: ``(leaf values, exact) -> tensor``; pure torch, run in backward.
+        ready: consumers may use it (False while the producer has not learned to widen).
+        producer: the module to tell that its output feeds a converted layer.
+        dtype: the rebuilt tensor's dtype.
+    """
+
+    leaves: tuple[Leaf, ...]
+    exact: tuple[torch.Tensor, ...]
+    build: Build
+    ready: bool
+    producer: torch.nn.Module | None
+    dtype: torch.dtype
+
+    @property
+    def bits(self) -> int:
+        return min((leaf.bits for leaf in self.leaves), default=FULL_BITS)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What a consumer passes to ``ctx.save_for_backward``: leaves' tensors, then exact."""
+        return [t for leaf in self.leaves for t in leaf.tensors] + list(self.exact)
+
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Recipe:
+        """This recipe followed by a pure elementwise ``fn`` (an activation)."""
+        build = self.build
+
+        def chained(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
+            return fn(build(values, exact))
+
+        return Recipe(self.leaves, self.exact, chained, self.ready, self.producer, dtype)
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of ``tensors()``: the rebuilt tensor (in backward)."""
+        it = iter(tensors)
+        values = [leaf.load([next(it) for _ in leaf.tensors]) for leaf in self.leaves]
+        exact = [next(it) for _ in self.exact]
+        return self.build(values, exact).to(self.dtype)
+
+    def stub(self) -> Recipe:
+        """The recipe without strong references to tensors, for a consumer's ``ctx``."""
+        leaves = tuple(
+            Leaf(leaf.shell, tuple(_Placeholder(t) for t in leaf.tensors), leaf.bits)
+            for leaf in self.leaves
+        )
+        return Recipe(leaves, tuple(_Placeholder(t) for t in self.exact), self.build,
+                      self.ready, None, self.dtype)  # fmt: skip
+
+
+class _Placeholder:
+    """Stands for a saved tensor in a stub (only its count matters)."""
+
+    __slots__ = ()
+
+    def __init__(self, _t: torch.Tensor) -> None:
+        pass
+
+
+def identity(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
+    return values[0]
+
+
+def leaf_bits(spec: QuantSpec | None) -> int:
+    """The coarsest width a tensor stored under ``spec`` may have."""
+    if spec is None or not spec.enabled:
+        return FULL_BITS
+    if spec.mix_bits is not None and spec.mix_prob:
+        return min(spec.bits, spec.mix_bits)
+    return spec.bits
+
+
+def finest_bits(spec: QuantSpec) -> int:
+    """The finest width a consumer under ``spec`` may store (what a shared copy must match)."""
+    if spec.mix_bits is not None and spec.mix_prob:
+        return max(spec.bits, spec.mix_bits)
+    return spec.bits
+
+
+def widen(spec: QuantSpec) -> QuantSpec:
+    """The spec of a shared tensor: twice the bits (two b-bit copies' bytes), at most 16."""
+    changes = {}
+    if spec.bits < 16:
+        changes["bits"] = min(2 * spec.bits, 16)
+    if spec.mix_bits is not None and spec.mix_bits < 16:
+        changes["mix_bits"] = min(2 * spec.mix_bits, 16)
+    return spec.replace(**changes) if changes else spec
+
+
+def feeds_converted(module: torch.nn.Module) -> bool:
+    """Whether a consumer has asked for ``module``'s output (learned in a forward)."""
+    return bool(module.__dict__.get(_FEEDS, False))
+
+
+def forget(module: torch.nn.Module) -> None:
+    module.__dict__.pop(_FEEDS, None)
+
+
+def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
+    """Attach ``recipe`` to ``t`` (valid until ``t`` is changed in place); returns ``t``."""
+    if recipe is not None:
+        setattr(t, _TAG, (recipe, t._version))
+    return t
+
+
+def recipe_of(t: torch.Tensor) -> Recipe | None:
+    """The valid recipe of ``t``, or None (none attached, or ``t`` changed in place since)."""
+    entry = getattr(t, _TAG, None)
+    if entry is None or entry[1] != t._version:
+        return None
+    return entry[0]
+
+
+def usable_recipe(t: torch.Tensor, spec: QuantSpec) -> Recipe | None:
+    """The recipe a consumer saving ``t`` under ``spec`` may use instead of compressing it.
+
+    A recipe that is not ready yet teaches its producer that its output feeds a converted
+    layer (so the next forward widens and shares); one coarser than ``spec`` is not used.
+    """
+    recipe = recipe_of(t)
+    if recipe is None or recipe.dtype != t.dtype:
+        return None
+    if not recipe.ready:
+        if recipe.producer is not None:
+            setattr(recipe.producer, _FEEDS, True)
+        return None
+    return recipe if recipe.bits >= finest_bits(spec) else None
+
+
+def affine(
+    xhat: Recipe,
+    params: tuple[torch.Tensor | None, ...],
+    dtype: torch.dtype,
+    ready: bool,
+    producer: torch.nn.Module,
+) -> Recipe:
+    """The recipe of a BatchNorm output ``x̂·w + b`` (per channel, dim 1) from x̂'s recipe."""
+    inner = xhat.build
+
+    def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
+        y = inner(values, []).float()
+        shape = (1, -1, *([1] * (y.dim() - 2)))
+        if exact:
+            weight, bias = exact
+            if weight is not None:
+                y = y * weight.float().view(shape)
+            if bias is not None:
+                y = y + bias.float().view(shape)
+        return y
+
+    return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype)
+
+
+def product(a: Recipe, b: Recipe, dtype: torch.dtype) -> Recipe:
+    """The recipe of ``a * b`` (the squeeze-excite multiply)."""
+    na, ma = len(a.leaves), len(a.exact)
+
+    def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
+        return a.build(values[:na], exact[:ma]) * b.build(values[na:], exact[ma:])
+
+    return Recipe(a.leaves + b.leaves, a.exact + b.exact, build, a.ready and b.ready, None, dtype)

@@ -1,0 +1,160 @@
+"""Sharing a BatchNorm output with its consumer (functions/shared.py): bytes, gradients, safety."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qbackprop as qb
+from qbackprop.config import ConfigError
+from qbackprop.functions import shared
+
+
+class BnActConv(nn.Module):
+    """conv -> BN -> act -> conv, optionally with an in-place change between act and conv."""
+
+    def __init__(self, act: nn.Module, poke: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = act
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.poke = poke
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv1(x)))
+        if self.poke:
+            x += 1.0  # in place after tagging: the recipe no longer describes x
+        return self.conv2(x)
+
+
+def grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def rel_error(a: dict, b: dict) -> float:
+    num = sum((a[k] - b[k]).square().sum() for k in a)
+    den = sum(b[k].square().sum() for k in b)
+    return float((num / den).sqrt())
+
+
+def row_bytes(report, name: str) -> int:
+    return next((r.stored_bytes for r in report.rows if r.name == name), 0)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_consumer_stores_nothing_and_bn_keeps_twice_the_bits(x):
+    torch.manual_seed(0)
+    model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
+    grads(model, x)  # the first step learns that bn feeds a converted conv
+    assert shared.feeds_converted(model.bn)
+    report = qb.measure_saved_activations(model, x)
+    assert row_bytes(report, "conv2") == 0  # rebuilt from bn's x̂: no bytes of its own
+    plain = qb.measure_saved_activations(
+        qb.convert_model(BnActConv(nn.SiLU()), {"default": "2bit-stochastic", "share": False}), x
+    )
+    # bn's x̂ at 4 bits is about the size of the two 2-bit copies it replaces.
+    assert row_bytes(report, "bn") == pytest.approx(2 * row_bytes(plain, "bn"), rel=0.1)
+    assert row_bytes(plain, "conv2") > 0
+    assert report.stored_bytes <= plain.stored_bytes
+
+
+def test_measure_learns_sharing_on_a_fresh_model(x):
+    report = qb.measure_saved_activations(
+        qb.convert_model(BnActConv(nn.ReLU()), "2bit-stochastic"), x
+    )
+    assert row_bytes(report, "conv2") == 0
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.ReLU(inplace=True), nn.GELU(), nn.Identity()])
+def test_shared_gradients_are_faithful_at_8_bits(x, act):
+    torch.manual_seed(0)
+    ref = BnActConv(act)
+    exact = grads(ref, x)
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
+    grads(model, x)
+    assert shared.feeds_converted(model.bn)
+    assert rel_error(grads(model, x), exact) < 0.02
+
+
+def test_sharing_is_exact_at_32_bits(x):
+    torch.manual_seed(0)
+    ref = BnActConv(nn.SiLU())
+    exact = grads(ref, x)
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 32}})
+    for _ in range(2):
+        got = grads(model, x)
+    assert all(torch.equal(got[k], exact[k]) for k in exact)
+
+
+def test_in_place_change_after_bn_disables_sharing(x):
+    # A stale recipe would rebuild conv2's input without the +1: a large weight-gradient error.
+    torch.manual_seed(0)
+    ref = BnActConv(nn.Identity(), poke=True)
+    exact = grads(ref, x)
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
+    for _ in range(2):
+        got = grads(model, x)
+    assert not shared.feeds_converted(model.bn)
+    assert rel_error(got, exact) < 0.02
+
+
+def test_dropout_between_bn_and_consumer_disables_sharing(x):
+    torch.manual_seed(0)
+    model = qb.convert_model(BnActConv(nn.Dropout(0.5)), "2bit-stochastic")
+    grads(model, x)
+    assert not shared.feeds_converted(model.bn)
+    assert row_bytes(qb.measure_saved_activations(model, x), "conv2") > 0
+
+
+def test_sharing_lowers_two_bit_gradient_error(x):
+    torch.manual_seed(0)
+    ref = BnActConv(nn.SiLU())
+    exact = grads(ref, x)
+
+    def mean_sq_error(share: bool) -> float:
+        model = qb.convert_model(copy.deepcopy(ref), {"default": "2bit-stochastic", "share": share})
+        grads(model, x)
+        return sum(rel_error(grads(model, x), exact) ** 2 for _ in range(8)) / 8
+
+    assert mean_sq_error(True) < 0.5 * mean_sq_error(False)
+
+
+def test_squeeze_excite_product_is_shared():
+    pytest.importorskip("timm")
+    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+
+    torch.manual_seed(0)
+    block = InvertedResidual(16, 16, exp_ratio=4.0, se_layer=SqueezeExcite)
+    model = qb.convert_model(block, "2bit-stochastic")
+    x = torch.randn(4, 16, 8, 8)
+    report = qb.measure_saved_activations(model, x)
+    # conv_pwl's input is x * gate: rebuilt from what the SE multiply keeps.
+    assert row_bytes(report, "conv_pwl") == 0
+    assert row_bytes(report, "conv_dw") == 0  # rebuilt from bn1's x̂
+
+
+def test_revert_and_reconvert_forget_what_was_learned(x):
+    model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
+    grads(model, x)
+    assert shared.feeds_converted(model.bn)
+    qb.convert_model(model, "4bit-stochastic")
+    assert not shared.feeds_converted(model.bn)
+    grads(model, x)
+    qb.revert_model(model)
+    assert not shared.feeds_converted(model.bn)
+    assert "_qbackprop_feeds" not in model.bn.__dict__
+
+
+def test_share_must_be_a_bool():
+    with pytest.raises(ConfigError, match="quant.share"):
+        qb.QuantConfig.from_dict({"share": "yes"})
