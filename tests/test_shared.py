@@ -158,3 +158,18 @@ def test_revert_and_reconvert_forget_what_was_learned(x):
 def test_share_must_be_a_bool():
     with pytest.raises(ConfigError, match="quant.share"):
         qb.QuantConfig.from_dict({"share": "yes"})
+
+
+def test_sharing_survives_autocast_casts(x):
+    torch.manual_seed(0)
+    ref = BnActConv(nn.SiLU())
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = grads(ref, x)
+        grads(model, x)
+        assert shared.feeds_converted(model.bn)
+        report = qb.measure_saved_activations(model, x)
+        got = grads(model, x)
+    # Only the bf16 copy of the weight, as torch keeps; the input is rebuilt from bn's x̂.
+    assert row_bytes(report, "conv2") == model.conv2.weight.numel() * 2
+    assert rel_error(got, exact) < 0.05

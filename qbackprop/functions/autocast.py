@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import shared
+
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs conv / linear in on ``device_type``, or None when it is off.
@@ -56,7 +58,19 @@ def autocast_inputs(
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if _eligible(t, device_type) else t for t in tensors)
+    return tuple(_cast(t, dtype) if _eligible(t, device_type) else t for t in tensors)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = t.to(dtype)
+    recipe = shared.recipe_of(t)
+    if recipe is not None and out is not t:  # a shared BatchNorm output stays shared
+        shared.tag(out, recipe.then(_same, dtype))
+    return out
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 @contextlib.contextmanager
