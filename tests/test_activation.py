@@ -298,7 +298,8 @@ def test_fewbit_gradient_error(name):
         y_ref, g_ref = run(torch_module, x, grad)
         errors = []
         for bits in (2, 3, 4, 8):
-            y, g = run(quantize(torch_module, QuantSpec(bits=bits)), x, grad)
+            spec = QuantSpec(bits=bits, rounding="nearest")  # the deterministic optimal fit
+            y, g = run(quantize(torch_module, spec), x, grad)
             assert_identical(y, y_ref)  # the forward never changes
             errors.append(relative_error(g, g_ref))
         figures[dist] = errors
@@ -327,7 +328,8 @@ def test_fewbit_beats_the_derivative_of_a_quantized_input():
     _, exact = run(nn.SiLU(), x, grad)
     errors = {}
     for bits in (2, 4):
-        _, fewbit_grad = run(quantize(nn.SiLU(), QuantSpec(bits=bits)), x, grad)
+        spec = QuantSpec(bits=bits, rounding="nearest")
+        _, fewbit_grad = run(quantize(nn.SiLU(), spec), x, grad)
         naive = torch.ops.aten.silu_backward(grad, stochastic_copy(x, bits))
         errors[bits] = (relative_error(fewbit_grad, exact), relative_error(naive, exact))
         assert errors[bits][0] * 3 < errors[bits][1], errors
@@ -379,15 +381,18 @@ def test_saved_bytes_of_exact_ablation_and_wide_specs():
 def test_on_backward_gives_the_packed_gradients():
     x = error_inputs()["bn"]
     for module in (nn.SiLU(), nn.Sigmoid(), nn.ReLU6()):
-        packed = run(quantize(module, QuantSpec(bits=3)), x)[1]
-        late = run(quantize(module, QuantSpec(bits=3, storage="on_backward")), x)[1]
+        nearest = QuantSpec(bits=3, rounding="nearest")  # deterministic codes: equal gradients
+        packed = run(quantize(module, nearest), x)[1]
+        late = run(quantize(module, nearest.replace(storage="on_backward")), x)[1]
         assert torch.equal(packed, late)
 
 
 # ---- in place --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [FP, QuantSpec(bits=3)], ids=["bits32", "bits3"])
+@pytest.mark.parametrize(
+    "spec", [FP, QuantSpec(bits=3, rounding="nearest")], ids=["bits32", "bits3"]
+)
 @pytest.mark.parametrize(
     "factory", [lambda: nn.SiLU(True), lambda: nn.ReLU(True), lambda: nn.ELU(0.5, True)]
 )
@@ -556,7 +561,12 @@ def test_low_and_high_precision_inputs(factory, dtype):
 
 
 @pytest.mark.parametrize(
-    "spec", [None, QuantSpec(bits=3), QuantSpec(bits=3, storage="on_backward")]
+    "spec",
+    [
+        None,
+        QuantSpec(bits=3, rounding="nearest"),
+        QuantSpec(bits=3, rounding="nearest", storage="on_backward"),
+    ],
 )
 @pytest.mark.parametrize("factory", [nn.SiLU, nn.ReLU, lambda: nn.Hardswish(True)])
 def test_empty_channels_last_and_strided_inputs(factory, spec):
@@ -584,7 +594,7 @@ def test_empty_channels_last_and_strided_inputs(factory, spec):
 
 
 def test_nan_inputs():
-    bits3 = QuantSpec(bits=3)
+    bits3 = QuantSpec(bits=3, rounding="nearest")
     x = torch.tensor([-1.0, 0.5, NAN, 2.0])
     # A code cannot say where the NaN was: the whole gradient is NaN (propagated, not hidden).
     _, g = run(quantize(nn.SiLU(), bits3), x)
@@ -600,8 +610,13 @@ def test_nan_inputs():
     # hardswish'(NaN) = 1 in torch: NaN lands in the top interval, whose level is exactly 1
     # once 3 is a boundary (4 bits; see test_derivative_table_shapes_of_known_functions).
     _, g_ref = run(nn.Hardswish(), x)
-    _, g = run(quantize(nn.Hardswish(), QuantSpec(bits=4)), x)
+    _, g = run(quantize(nn.Hardswish(), QuantSpec(bits=4, rounding="nearest")), x)
     assert g[2] == g_ref[2] == 1.0 and g.isfinite().all()
+    # Unbiased codes round torch's own derivative: sigmoid'(+-inf) = 0 is a level, so exact.
+    _, g = run(quantize(nn.Sigmoid(), QuantSpec(bits=3)), torch.tensor([-INF, 0.0, INF]))
+    assert g[0] == 0 and g[2] == 0
+    _, g = run(quantize(nn.SiLU(), QuantSpec(bits=3)), x)
+    assert g.isnan().all()  # stochastic specs propagate NaN the same way
 
 
 # ---- the dynamic programme -------------------------------------------------------------------
@@ -707,3 +722,39 @@ def test_derivative_table_rejects_bad_arguments():
         fewbit.derivative_table("swishy", 2)
     with pytest.raises(ValueError, match="approximate"):
         qact.gelu("erf")
+
+
+# ---- unbiased derivative codes (stochastic specs) --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "sigmoid", "tanh", "hardswish", "mish", "elu"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_unbiased_levels_span_the_derivative(name, bits):
+    levels = fewbit.unbiased_levels(name, bits)
+    assert levels.shape == (2**bits,) and (levels[1:] > levels[:-1]).all()
+    wide = fewbit.derivative(name, torch.linspace(-40, 40, 100001, dtype=torch.float64))
+    assert levels[0] == pytest.approx(float(wide.min()), abs=1e-4)
+    assert levels[-1] == pytest.approx(float(wide.max()), abs=1e-4)
+
+
+@pytest.mark.parametrize("factory", [nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Mish])
+def test_stochastic_specs_give_unbiased_derivatives(factory):
+    # The mean of many draws converges to the exact gradient (a deterministic code would not).
+    x = error_inputs()["bn"][:2]
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    _, exact = run(factory(), x, grad)
+    module = quantize(factory(), QuantSpec(bits=2))
+    torch.manual_seed(0)
+    draws = torch.stack([run(module, x, grad)[1] for _ in range(400)])
+    single = relative_error(draws[0], exact)
+    assert 0.01 < single < 0.6  # noisy, as 2-bit codes are
+    assert relative_error(draws.mean(0), exact) < single / 8  # ~ single / 20 if unbiased
+    _, det = run(quantize(factory(), QuantSpec(bits=2, rounding="nearest")), x, grad)
+    assert relative_error(det, exact) > 2 * relative_error(draws.mean(0), exact)
+
+
+def test_unbiased_codes_cost_the_same_bytes():
+    x = torch.randn(4, 8, 16, 16)
+    stochastic = saved_bytes(quantize(nn.SiLU(), QuantSpec(bits=2)), x)
+    nearest = saved_bytes(quantize(nn.SiLU(), QuantSpec(bits=2, rounding="nearest")), x)
+    assert stochastic == nearest == x.numel() // 4 + 1  # codes + the NaN flag byte

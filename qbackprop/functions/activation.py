@@ -40,8 +40,15 @@ from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
-from ..quant.spec import Storage
-from .fewbit import MAX_BITS, decode_derivative, encode_derivative, private_autograd
+from ..quant.spec import Rounding, Storage
+from .fewbit import (
+    MAX_BITS,
+    decode_derivative,
+    decode_derivative_unbiased,
+    encode_derivative,
+    encode_derivative_unbiased,
+    private_autograd,
+)
 from .saved import load_saved, save_for_backward
 
 aten = torch.ops.aten
@@ -323,9 +330,20 @@ def _encode(ctx, act: Activation, x: torch.Tensor, inplace: bool) -> list[torch.
     ctx.layout = (ordered.shape, perm)
     if act.step is not None:
         return [pack_codes(act.step(ordered, inplace).reshape(-1), 1)]
-    packed = encode_derivative(ordered, act.table, ctx.bits, act.params)
+    if ctx.unbiased:
+        packed = encode_derivative_unbiased(_slope(act, ordered), act.table, ctx.bits, act.params)
+    else:
+        packed = encode_derivative(ordered, act.table, ctx.bits, act.params)
     values = _nan_derivative_inputs(act)
     return [packed, _nan_flag(x, values)] if values else [packed]
+
+
+def _slope(act: Activation, x: torch.Tensor) -> torch.Tensor:
+    """The exact ``f'(x)`` in fp32, from torch's own backward kernel (no graph is kept)."""
+    x = x.detach().float()
+    saved = act.forward(x, False) if act.keeps_output(False) else x
+    with torch.no_grad():
+        return act.exact_backward(torch.ones_like(x), saved, False)
 
 
 def _decode(ctx, act: Activation, grad: torch.Tensor, stored: list[torch.Tensor]) -> torch.Tensor:
@@ -334,7 +352,8 @@ def _decode(ctx, act: Activation, grad: torch.Tensor, stored: list[torch.Tensor]
     if act.step is not None:
         mask = _restore(unpack_codes(stored[0], 1, n).bool(), shape, perm)
         return act.step_backward(grad, mask)
-    slope = _restore(decode_derivative(stored[0], n, act.table, ctx.bits, act.params), shape, perm)
+    decode = decode_derivative_unbiased if ctx.unbiased else decode_derivative
+    slope = _restore(decode(stored[0], n, act.table, ctx.bits, act.params), shape, perm)
     # fp32 levels times a half-precision grad compute in fp32 (promotion), rounded once.
     grad_in = (grad * slope).to(grad.dtype)
     if len(stored) > 1:
@@ -364,6 +383,9 @@ class ActivationFn(torch.autograd.Function):
         else:
             ctx.mode = _STEP if act.step is not None else _CODES
             ctx.bits = min(spec.bits, MAX_BITS)
+            # Stochastic specs get unbiased derivative codes (f'(x) rounded stochastically between
+            # fixed levels); nearest specs the deterministic optimal fit (lower error, biased).
+            ctx.unbiased = spec.rounding == Rounding.STOCHASTIC
             ctx.late = spec.storage == Storage.ON_BACKWARD
             # Either way, taken before an in-place forward overwrites x.
             kept = [x.clone() if inplace else x] if ctx.late else _encode(ctx, act, x, inplace)
