@@ -81,6 +81,7 @@ def test_eval_mode_input_grad_needs_no_activation():
 
 
 def test_stochastic_weight_grad_is_unbiased():
+    torch.manual_seed(0)
     ref, conv = _pair(nn.BatchNorm2d, {"default": {"bits": 2}})
     x = torch.randn(16, 6, 8, 8)
     g = torch.randn(16, 6, 8, 8)
@@ -92,9 +93,9 @@ def test_stochastic_weight_grad_is_unbiased():
         conv(x).backward(g)
         draws.append(conv.weight.grad.clone())
     draws = torch.stack(draws)
-    single = (draws[0] - exact).norm()
+    single = (draws - exact).square().sum(1).mean().sqrt()  # RMS error of one draw
     mean_err = (draws.mean(0) - exact).norm()
-    assert mean_err < single / 3  # error of the mean shrinks like 1/sqrt(draws)
+    assert mean_err < single / 4  # error of the mean shrinks like 1/sqrt(draws): ~ single / 8
 
 
 def test_saves_compressed_xhat_not_input():

@@ -52,20 +52,26 @@ def x() -> torch.Tensor:
     return torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def test_consumer_stores_nothing_and_bn_keeps_twice_the_bits(x):
+@pytest.mark.parametrize(
+    ("act", "xhat_bits", "code_bits"), [(nn.SiLU(), 3, 3), (nn.ReLU(), 4, 1)], ids=["silu", "relu"]
+)
+def test_consumer_stores_nothing_and_the_bytes_go_to_precision(x, act, xhat_bits, code_bits):
     torch.manual_seed(0)
-    model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
+    model = qb.convert_model(BnActConv(act), "2bit-stochastic")
     grads(model, x)  # the first step learns that bn feeds a converted conv
     assert shared.feeds_converted(model.bn)
     report = qb.measure_saved_activations(model, x)
     assert row_bytes(report, "conv2") == 0  # rebuilt from bn's x̂: no bytes of its own
     plain = qb.measure_saved_activations(
-        qb.convert_model(BnActConv(nn.SiLU()), {"default": "2bit-stochastic", "share": False}), x
+        qb.convert_model(BnActConv(act), {"default": "2bit-stochastic", "share": False}), x
     )
-    # bn's x̂ at 4 bits is about the size of the two 2-bit copies it replaces.
-    assert row_bytes(report, "bn") == pytest.approx(2 * row_bytes(plain, "bn"), rel=0.1)
     assert row_bytes(plain, "conv2") > 0
-    assert report.stored_bytes <= plain.stored_bytes
+    # x̂ at 2b bits after a ReLU (its 1-bit mask is lossless); after a smooth activation x̂ and
+    # the derivative code split the three 2-bit copies' bytes: 3 + 3 bits.
+    assert row_bytes(report, "bn") == pytest.approx(row_bytes(plain, "bn") * xhat_bits / 2, rel=0.1)
+    n = x.shape[0] * 8 * x.shape[2] * x.shape[3]
+    assert row_bytes(report, "act") == pytest.approx(n * code_bits / 8, abs=2)
+    assert report.stored_bytes <= plain.stored_bytes * 1.01
 
 
 def test_measure_learns_sharing_on_a_fresh_model(x):
@@ -126,7 +132,7 @@ def test_sharing_lowers_two_bit_gradient_error(x):
         grads(model, x)
         return sum(rel_error(grads(model, x), exact) ** 2 for _ in range(8)) / 8
 
-    assert mean_sq_error(True) < 0.5 * mean_sq_error(False)
+    assert mean_sq_error(True) < 0.8 * mean_sq_error(False)
 
 
 def test_squeeze_excite_product_is_shared():

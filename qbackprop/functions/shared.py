@@ -10,9 +10,11 @@ backward. The squeeze-excite multiply ``x * gate`` tags its output the same way,
 projection conv after it saves nothing.
 
 Sharing turns two b-bit copies into one, and the producer spends those bytes on precision: a
-BatchNorm whose output feeds a converted layer keeps x̂ at ``2·b`` bits (``widen``). Which
-BatchNorms feed converted layers is learned in the first forward with gradients (a consumer
-marks its producer); until then every layer keeps its own copy.
+BatchNorm whose output feeds a converted layer keeps x̂ at ``2·b`` bits, or, with a smooth
+activation in between, x̂ and that activation's derivative code split the three copies' bytes
+(``widen``, ``code_bits``: 3 + 3 bits at ``b = 2``). Which BatchNorms feed converted layers is
+learned in the first forward with gradients (a consumer marks its producer); until then every
+layer keeps its own copy.
 
 Tags are plain attributes on tensor objects, checked against the tensor's version counter: an
 in-place change after tagging (``out += shortcut``), a view, a cast or a dropout gives a
@@ -31,6 +33,7 @@ from ..quant import CompressedTensor, QuantSpec
 
 _TAG = "_qbackprop_recipe"
 _FEEDS = "_qbackprop_feeds"  # set on a producer module once a consumer asked for its output
+_SMOOTH = "_qbackprop_smooth_act"  # ... once a smooth activation (derivative codes) followed it
 FULL_BITS = 32
 
 Build = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
@@ -135,14 +138,28 @@ def finest_bits(spec: QuantSpec) -> int:
     return spec.bits
 
 
-def widen(spec: QuantSpec) -> QuantSpec:
-    """The spec of a shared tensor: twice the bits (two b-bit copies' bytes), at most 16."""
+def _wider(bits: int, smooth: bool) -> int:
+    return min(bits + (-(-bits // 2) if smooth else bits), 16)
+
+
+def widen(spec: QuantSpec, smooth: bool = False) -> QuantSpec:
+    """The spec of a shared x̂: the bytes of the b-bit copy no longer made, spent on x̂.
+
+    Without a smooth activation in between, x̂ takes them all (``2·b`` bits). With one, x̂ and
+    the activation's derivative code share the three b-bit copies' bytes: x̂ ``b + ceil(b/2)``
+    and the code ``b + floor(b/2)`` bits (3 + 3 at ``b = 2``; see ``code_bits``). At most 16.
+    """
     changes = {}
     if spec.bits < 16:
-        changes["bits"] = min(2 * spec.bits, 16)
+        changes["bits"] = _wider(spec.bits, smooth)
     if spec.mix_bits is not None and spec.mix_bits < 16:
-        changes["mix_bits"] = min(2 * spec.mix_bits, 16)
+        changes["mix_bits"] = _wider(spec.mix_bits, smooth)
     return spec.replace(**changes) if changes else spec
+
+
+def code_bits(bits: int) -> int:
+    """Derivative-code width of a smooth activation between a shared BatchNorm and its consumer."""
+    return min(bits + bits // 2, 16)
 
 
 def feeds_converted(module: torch.nn.Module) -> bool:
@@ -150,8 +167,20 @@ def feeds_converted(module: torch.nn.Module) -> bool:
     return bool(module.__dict__.get(_FEEDS, False))
 
 
+def has_smooth_activation(module: torch.nn.Module) -> bool:
+    """Whether a smooth activation (derivative codes) follows ``module`` (learned in a forward)."""
+    return bool(module.__dict__.get(_SMOOTH, False))
+
+
+def note_smooth_activation(recipe: Recipe) -> None:
+    """Called by a smooth activation on a tagged input: its producer learns it is followed."""
+    if recipe.producer is not None:
+        setattr(recipe.producer, _SMOOTH, True)
+
+
 def forget(module: torch.nn.Module) -> None:
     module.__dict__.pop(_FEEDS, None)
+    module.__dict__.pop(_SMOOTH, None)
 
 
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:

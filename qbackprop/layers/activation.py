@@ -36,8 +36,14 @@ class _ActivationMixin(QuantizedModule):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fn = self.activation()
         recipe = shared.recipe_of(input)  # read before an in-place activation changes it
+        spec = self.qspec
+        if recipe is not None and fn.step is None:
+            shared.note_smooth_activation(recipe)
+            if recipe.ready and spec is not None and spec.enabled:
+                # Between a shared BatchNorm and its consumer: a wider code (see shared.widen).
+                spec = spec.replace(bits=shared.code_bits(spec.bits))
         # Modules without an ``inplace`` attribute (GELU, Softplus, timm's dummies) never are.
-        out = quantized_activation(input, fn, self.qspec, getattr(self, "inplace", False))
+        out = quantized_activation(input, fn, spec, getattr(self, "inplace", False))
         if recipe is not None:  # a BatchNorm output: the activation of it is rebuildable too
             shared.tag(out, recipe.then(functools.partial(fn.forward, inplace=False), out.dtype))
         return out

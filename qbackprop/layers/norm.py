@@ -26,7 +26,8 @@ class _BatchNormMixin(QuantizedModule):
         if self.qshare and spec is not None and spec.enabled:
             sources = []
             if shared.feeds_converted(self):
-                spec = shared.widen(spec)  # one copy serves BN and its consumer: see shared.py
+                # One copy serves BN and its consumer: see functions/shared.py.
+                spec = shared.widen(spec, shared.has_smooth_activation(self))
         out = batch_norm(
             x,
             self.running_mean if track else None,
