@@ -8,7 +8,8 @@ model is drawn several times (stochastic rounding) and compared with the exact g
 
 A ratio of 0.1 means compression adds a tenth of the noise SGD already lives with.
 bias/noise = ||mean_k g_q - g||^2 / (E||g_q - g||^2 / K) is ~1 for an unbiased estimator
-(the mean of K draws approaches g) and >> 1 for a biased one.
+(the mean of K draws approaches g) and >> 1 for a biased one; "rel. error of the mean" is
+||mean_k g_q - g|| / ||g|| (with --draws 32: how close the mean of 32 draws comes to g).
 
 Example:
     python scripts/bench_fidelity.py --train-steps 150 --draws 16 --families
@@ -104,6 +105,7 @@ def measure(model, cfg, x, y, exact, draws: int, minibatch_var: float) -> dict:
         "ratio": noise / minibatch_var,
         "rel_error": (noise / exact.square().sum().item()) ** 0.5,
         "bias_over_noise": bias_sq / (noise / draws) if noise else float("nan"),
+        "mean_rel_error": (bias_sq / exact.square().sum().item()) ** 0.5,
         "cosine": (
             mean.double() @ exact.double() / (mean.double().norm() * exact.double().norm())
         ).item(),
@@ -160,7 +162,8 @@ def main() -> None:
         r = measure(model, cfg, x, y, exact, args.draws, minibatch_var)
         results.append({"spec": label, "compressed": scope, **r})
         rows.append([label, scope, f"{r['ratio']:.4g}", f"{r['rel_error']:.3g}",
-                     f"{r['bias_over_noise']:.2f}", f"{r['cosine']:.5f}"])  # fmt: skip
+                     f"{r['bias_over_noise']:.2f}", f"{r['mean_rel_error']:.3g}",
+                     f"{r['cosine']:.5f}"])  # fmt: skip
         tqdm.write(table(rows[-1:], HEADERS).splitlines()[-1])
     print(f"\nmodel {args.model}, batch {args.batch_size}, {args.train_steps} fp32 steps, "
           f"{args.draws} draws, minibatch variance {minibatch_var:.4g}, "
@@ -182,6 +185,7 @@ HEADERS = [
     "variance ratio",
     "rel. error (1 draw)",
     "bias/noise",
+    "rel. error of the mean",
     "cosine(mean, exact)",
 ]
 

@@ -44,7 +44,7 @@ class Leaf:
     """One stored tensor: a compressed copy (``shell`` with its tensors taken) or a raw one."""
 
     shell: CompressedTensor | None
-    tensors: tuple[torch.Tensor, ...]
+    tensors: tuple[torch.Tensor | None, ...]  # None in a stub
     bits: int
 
     def load(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -100,22 +100,13 @@ class Recipe:
         return self.build(values, exact).to(self.dtype)
 
     def stub(self) -> Recipe:
-        """The recipe without strong references to tensors, for a consumer's ``ctx``."""
+        """The recipe without references to tensors (kept in a consumer's ``ctx``): the tensors
+        live only in autograd's saved-tensor slots and come back through ``rebuild``."""
         leaves = tuple(
-            Leaf(leaf.shell, tuple(_Placeholder(t) for t in leaf.tensors), leaf.bits)
-            for leaf in self.leaves
+            Leaf(leaf.shell, (None,) * len(leaf.tensors), leaf.bits) for leaf in self.leaves
         )
-        return Recipe(leaves, tuple(_Placeholder(t) for t in self.exact), self.build,
-                      self.ready, None, self.dtype)  # fmt: skip
-
-
-class _Placeholder:
-    """Stands for a saved tensor in a stub (only its count matters)."""
-
-    __slots__ = ()
-
-    def __init__(self, _t: torch.Tensor) -> None:
-        pass
+        exact = (None,) * len(self.exact)
+        return Recipe(leaves, exact, self.build, self.ready, None, self.dtype)
 
 
 def identity(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
