@@ -179,3 +179,22 @@ def test_sharing_survives_autocast_casts(x):
     # Only the bf16 copy of the weight, as torch keeps; the input is rebuilt from bn's x̂.
     assert row_bytes(report, "conv2") == model.conv2.weight.numel() * 2
     assert rel_error(got, exact) < 0.05
+
+
+def test_two_bit_mix_shares_too(x):
+    # x̂ widened to a 3/6 mix (4.5 bits expected) is finer than the conv's own 2/4 mix (3).
+    model = qb.convert_model(BnActConv(nn.SiLU()), "2/4-mix")
+    report = qb.measure_saved_activations(model, x)
+    assert row_bytes(report, "conv2") == 0
+    plain = qb.measure_saved_activations(
+        qb.convert_model(BnActConv(nn.SiLU()), {"default": "2/4-mix", "share": False}), x
+    )
+    assert report.stored_bytes < plain.stored_bytes
+
+
+def test_a_finer_consumer_keeps_its_own_copy(x):
+    cfg = {"default": "2bit-stochastic", "layers": [{"match": "conv2", "bits": 8}]}
+    model = qb.convert_model(BnActConv(nn.SiLU()), cfg)
+    report = qb.measure_saved_activations(model, x)
+    assert row_bytes(report, "conv2") > 0  # an 8-bit conv does not take a 3-bit x̂
+    assert not shared.feeds_converted(model.bn)  # ... so bn does not widen for nothing

@@ -45,7 +45,7 @@ class Leaf:
 
     shell: CompressedTensor | None
     tensors: tuple[torch.Tensor | None, ...]  # None in a stub
-    bits: int
+    bits: float  # expected code width (see leaf_bits)
 
     def load(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.shell is None:
@@ -66,6 +66,8 @@ class Recipe:
         ready: consumers may use it (False while the producer has not learned to widen).
         producer: the module to tell that its output feeds a converted layer.
         dtype: the rebuilt tensor's dtype.
+        promise: for a recipe not ready yet, the expected bits per element the producer will
+            keep once it has learned (a consumer finer than that does not ask for it).
     """
 
     leaves: tuple[Leaf, ...]
@@ -74,10 +76,11 @@ class Recipe:
     ready: bool
     producer: torch.nn.Module | None
     dtype: torch.dtype
+    promise: float | None = None
 
     @property
-    def bits(self) -> int:
-        return min((leaf.bits for leaf in self.leaves), default=FULL_BITS)
+    def bits(self) -> float:
+        return min((leaf.bits for leaf in self.leaves), default=float(FULL_BITS))
 
     def tensors(self) -> list[torch.Tensor]:
         """What a consumer passes to ``ctx.save_for_backward``: leaves' tensors, then exact."""
@@ -90,7 +93,9 @@ class Recipe:
         def chained(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
             return fn(build(values, exact))
 
-        return Recipe(self.leaves, self.exact, chained, self.ready, self.producer, dtype)
+        return Recipe(
+            self.leaves, self.exact, chained, self.ready, self.producer, dtype, self.promise
+        )
 
     def rebuild(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of ``tensors()``: the rebuilt tensor (in backward)."""
@@ -113,20 +118,13 @@ def identity(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Ten
     return values[0]
 
 
-def leaf_bits(spec: QuantSpec | None) -> int:
-    """The coarsest width a tensor stored under ``spec`` may have."""
+def leaf_bits(spec: QuantSpec | None) -> float:
+    """The expected code width of a tensor stored under ``spec`` (a two-bit mix averages)."""
     if spec is None or not spec.enabled:
-        return FULL_BITS
+        return float(FULL_BITS)
     if spec.mix_bits is not None and spec.mix_prob:
-        return min(spec.bits, spec.mix_bits)
-    return spec.bits
-
-
-def finest_bits(spec: QuantSpec) -> int:
-    """The finest width a consumer under ``spec`` may store (what a shared copy must match)."""
-    if spec.mix_bits is not None and spec.mix_prob:
-        return max(spec.bits, spec.mix_bits)
-    return spec.bits
+        return spec.bits + spec.mix_prob * (spec.mix_bits - spec.bits)
+    return float(spec.bits)
 
 
 def _wider(bits: int, smooth: bool) -> int:
@@ -193,16 +191,18 @@ def usable_recipe(t: torch.Tensor, spec: QuantSpec) -> Recipe | None:
     """The recipe a consumer saving ``t`` under ``spec`` may use instead of compressing it.
 
     A recipe that is not ready yet teaches its producer that its output feeds a converted
-    layer (so the next forward widens and shares); one coarser than ``spec`` is not used.
+    layer (so the next forward widens and shares); one coarser than ``spec`` (fewer expected
+    bits per element) is not used.
     """
     recipe = recipe_of(t)
     if recipe is None or recipe.dtype != t.dtype:
         return None
     if not recipe.ready:
-        if recipe.producer is not None:
+        wanted = recipe.promise is None or recipe.promise >= leaf_bits(spec)
+        if recipe.producer is not None and wanted:
             setattr(recipe.producer, _FEEDS, True)
         return None
-    return recipe if recipe.bits >= finest_bits(spec) else None
+    return recipe if recipe.bits >= leaf_bits(spec) else None
 
 
 def affine(
@@ -211,6 +211,7 @@ def affine(
     dtype: torch.dtype,
     ready: bool,
     producer: torch.nn.Module,
+    promise: float | None = None,
 ) -> Recipe:
     """The recipe of a BatchNorm output ``x̂·w + b`` (per channel, dim 1) from x̂'s recipe."""
     inner = xhat.build
@@ -226,7 +227,7 @@ def affine(
                 y = y + bias.float().view(shape)
         return y
 
-    return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype)
+    return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)
 
 
 def product(a: Recipe, b: Recipe, dtype: torch.dtype) -> Recipe:

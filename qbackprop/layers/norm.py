@@ -43,7 +43,9 @@ class _BatchNormMixin(QuantizedModule):
         if sources and sources[0] is not None:
             affine = (self.weight, self.bias) if self.affine else ()
             ready = shared.feeds_converted(self)
-            shared.tag(out, shared.affine(sources[0], affine, out.dtype, ready, self))
+            # What x̂ would keep once shared (the smaller, smooth-activation split).
+            promise = shared.leaf_bits(shared.widen(self.qspec, smooth=True))
+            shared.tag(out, shared.affine(sources[0], affine, out.dtype, ready, self, promise))
         return out
 
 
