@@ -557,7 +557,7 @@ def test_low_and_high_precision_inputs(factory, dtype):
     y, g = run(quantize(factory(), QuantSpec(bits=4)), x, grad)
     assert_identical(y, y_ref)
     assert g.dtype == dtype
-    assert relative_error(g, g_ref) < 0.08
+    assert relative_error(g, g_ref) < 0.12  # one draw of unbiased 4-bit codes (stochastic spec)
 
 
 @pytest.mark.parametrize(
@@ -728,13 +728,21 @@ def test_derivative_table_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("name", ["silu", "gelu", "sigmoid", "tanh", "hardswish", "mish", "elu"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 8])
-def test_unbiased_levels_span_the_derivative(name, bits):
-    levels = fewbit.unbiased_levels(name, bits)
-    assert levels.shape == (2**bits,) and (levels[1:] > levels[:-1]).all()
+def test_unbiased_codes_span_the_derivative(name):
+    low, high = fewbit.derivative_range(name)
     wide = fewbit.derivative(name, torch.linspace(-40, 40, 100001, dtype=torch.float64))
-    assert levels[0] == pytest.approx(float(wide.min()), abs=1e-4)
-    assert levels[-1] == pytest.approx(float(wide.max()), abs=1e-4)
+    assert low == pytest.approx(float(wide.min()), abs=1e-4)
+    assert high == pytest.approx(float(wide.max()), abs=1e-4)
+    # Each derivative decodes to one of its two neighbouring levels, never further away.
+    slope = fewbit.derivative(name, 3 * torch.randn(4096, dtype=torch.float64)).float()
+    for bits in (1, 2, 3, 8):
+        n = slope.numel()
+        got = fewbit.decode_derivative_unbiased(
+            fewbit.encode_derivative_unbiased(slope, name, bits), n, name, bits
+        )
+        step = (high - low) / (2**bits - 1)
+        assert ((got - slope).abs() <= step * (1 + 1e-4)).all()
+        assert got.min() >= low - 1e-6 and got.max() <= high + 1e-6
 
 
 @pytest.mark.parametrize("factory", [nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Mish])

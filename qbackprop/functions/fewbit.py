@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.packing import pack_codes, unpack_codes
+from ..quant.stochastic import stochastic_round
 
 # Standard deviation of the zero-mean normal weight the tables minimise the error under. Measured
 # over sigma in {1, 1.5, 2, 2.5, 3} on N(0, 1), N(0, 1.5^2) and BN-output-like inputs (per-channel
@@ -221,121 +222,53 @@ def derivative_table(
     return boundaries.to(torch.float32), levels.to(torch.float32)
 
 
-# Candidate level values for the unbiased codes: a uniform grid over f''s range. 257 points keep
-# the O(k n^2) DP instant at 8 bits; a finer grid moves the variance by well under 1 %.
-UNBIASED_CANDIDATES = 257
 # The range of f' is taken over +-40 (every tabled activation's derivative is within 1e-15 of
 # its limit there) and the fine grid, so clamping a derivative into it adds no visible bias.
 RANGE_HALF_WIDTH = 40.0
 
 
 @functools.cache
-def unbiased_levels(
-    name: str, bits: int, params: tuple[float, ...] = (), weight_std: float = WEIGHT_STD
-) -> torch.Tensor:
-    """Levels for *unbiased* derivative codes: ``f'(x)`` rounded stochastically between them.
-
-    The lowest and highest levels are the minimum and maximum of ``f'``, so every derivative
-    lies between two levels and stochastic rounding between those two is unbiased:
-    ``E[levels[code]] = f'(x)``. The inner levels minimise the expected rounding variance
-    ``E[(f'(x) - l_j)(l_{j+1} - f'(x))]`` for ``x ~ N(0, weight_std**2)``, by exact dynamic
-    programming over a grid of candidate values. Computed once per argument tuple (cached).
-
-    Args:
-        name, bits, params, weight_std: as for ``derivative_table``.
-
-    Returns:
-        ``2**bits`` increasing float32 levels (CPU).
-    """
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"derivative codes take 1..{MAX_BITS} bits, got {bits}")
+def derivative_range(name: str, params: tuple[float, ...] = ()) -> tuple[float, float]:
+    """``(min f', max f')`` of activation ``name``: the end levels of its unbiased codes."""
     half = int(GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT)
-    edges = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
-    centers = (edges[1:] + edges[:-1]) / 2
-    cdf = torch.special.ndtr(edges / weight_std)
-    cdf[0], cdf[-1] = 0.0, 1.0
-    weights = cdf[1:] - cdf[:-1]
-    values = derivative(name, centers, params)
+    fine = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
     wide = torch.linspace(-RANGE_HALF_WIDTH, RANGE_HALF_WIDTH, 8001, dtype=torch.float64)
-    span = torch.cat([values, derivative(name, wide, params)])
-    span = span[span.isfinite()]
-    low, high = float(span.min()), float(span.max())
-    k = 2**bits
-    if k == 2 or high - low < 1e-12:
-        return torch.linspace(low, high, k, dtype=torch.float64).to(torch.float32)
-    candidates = torch.linspace(low, high, UNBIASED_CANDIDATES, dtype=torch.float64)
-    with _single_thread():
-        chosen = _min_variance_levels(values, weights, candidates, k)
-    return candidates[chosen].to(torch.float32)
-
-
-def _min_variance_levels(
-    values: torch.Tensor, weights: torch.Tensor, candidates: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Indices of ``k`` candidates (first and last included) minimising the rounding variance.
-
-    ``cost[a, b]`` = sum of ``w (v - c_a)(c_b - v)`` over values in ``[c_a, c_b)``, from prefix
-    sums over the values sorted; ``D_j[b] = min_a D_{j-1}[a] + cost[a, b]``.
-    """
-    order = values.argsort()
-    v, w = values[order], weights[order]
-    zero = v.new_zeros(1)
-    s0 = torch.cat([zero, w.cumsum(0)])
-    s1 = torch.cat([zero, (w * v).cumsum(0)])
-    s2 = torch.cat([zero, (w * v * v).cumsum(0)])
-    pos = torch.searchsorted(v, candidates)  # values below candidate c: v[:pos]
-    m0 = s0[pos][None, :] - s0[pos][:, None]  # [a, b]: values in [c_a, c_b)
-    m1 = s1[pos][None, :] - s1[pos][:, None]
-    m2 = s2[pos][None, :] - s2[pos][:, None]
-    ca, cb = candidates[:, None], candidates[None, :]
-    cost = (-m2 + (ca + cb) * m1 - ca * cb * m0).clamp_min(0)
-    n = candidates.numel()
-    idx = torch.arange(n)
-    cost.masked_fill_(idx[:, None] >= idx[None, :], float("inf"))
-    cost_by_end = cost.t().contiguous()  # [b, a]
-    rows = [cost[0]]  # rows[j][b]: least variance from c_0 to c_b with j + 1 segments
-    for _ in range(1, k - 1):
-        rows.append((cost_by_end + rows[-1]).amin(dim=1))
-    chosen = [n - 1]
-    for j in range(k - 2, 0, -1):
-        chosen.append(int((rows[j - 1] + cost_by_end[chosen[-1]]).argmin()))
-    chosen.append(0)
-    return torch.tensor(chosen[::-1])
-
-
-@functools.lru_cache(maxsize=256)
-def _levels_on(
-    name: str, bits: int, params: tuple[float, ...], device: torch.device
-) -> torch.Tensor:
-    return unbiased_levels(name, bits, params).to(device)
+    values = derivative(name, torch.cat([fine, wide]), params)
+    values = values[values.isfinite()]
+    return float(values.min()), float(values.max())
 
 
 def encode_derivative_unbiased(
-    slope: torch.Tensor, name: str, bits: int, params=()
+    slope: torch.Tensor, name: str, bits: int, params: tuple[float, ...] = ()
 ) -> torch.Tensor:
     """Packed ``bits``-wide codes of the exact derivative ``slope``, rounded stochastically.
 
+    The ``2**bits`` levels are spread evenly over ``[min f', max f']``, so every derivative lies
+    between two of them and stochastic rounding between those two is unbiased:
+    ``E[decode(code)] = slope``. (Levels placed by dynamic programming for the least variance
+    under N(0, 1.5²) were measured 0-27 % better, 3 % for SiLU, and cost a search per element.)
+
     Args:
         slope: ``f'(x)`` of the exact input (any shape; flattened in the given order).
-        name, bits, params: the level table (see ``unbiased_levels``).
+        name, bits, params: the activation (see ``derivative_range``).
 
     Returns:
-        A uint8 tensor of ``ceil(slope.numel() * bits / 8)`` bytes; ``E[levels[code]] = slope``.
+        A uint8 tensor of ``ceil(slope.numel() * bits / 8)`` bytes.
     """
-    levels = _levels_on(name, bits, params, slope.device)
-    d = slope.reshape(-1).float().clamp(levels[0], levels[-1])
-    upper = torch.searchsorted(levels, d, right=True).clamp_(1, levels.numel() - 1)
-    low, high = levels[upper - 1], levels[upper]
-    up = (d - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = (upper - 1) + (torch.rand_like(up) < up)
-    return pack_codes(codes.to(torch.int32), bits)
+    low, high = derivative_range(name, params)
+    top = 2**bits - 1
+    scale = top / (high - low) if high > low else 0.0
+    u = (slope.reshape(-1).float() - low).mul_(scale).clamp_(0, top)
+    return pack_codes(stochastic_round(u, top), bits)
 
 
 def decode_derivative_unbiased(
     packed: torch.Tensor, n: int, name: str, bits: int, params: tuple[float, ...] = ()
 ) -> torch.Tensor:
-    """``levels[code]`` of ``n`` packed unbiased codes, as 1-D float32."""
-    return _levels_on(name, bits, params, packed.device)[unpack_codes(packed, bits, n)]
+    """The derivative level of each of ``n`` packed unbiased codes, as 1-D float32."""
+    low, high = derivative_range(name, params)
+    step = (high - low) / (2**bits - 1)
+    return unpack_codes(packed, bits, n).float().mul_(step).add_(low)
 
 
 @functools.lru_cache(maxsize=256)
