@@ -39,6 +39,7 @@ from qbackprop.functions import activation as qact
 from qbackprop.functions import fewbit
 from qbackprop.layers.registry import find_swap
 from qbackprop.quant import QuantSpec
+from qbackprop.quant.packing import unpack_codes
 
 FP = QuantSpec(bits=32)
 NAN, INF = math.nan, math.inf
@@ -766,3 +767,23 @@ def test_unbiased_codes_cost_the_same_bytes():
     stochastic = saved_bytes(quantize(nn.SiLU(), QuantSpec(bits=2)), x)
     nearest = saved_bytes(quantize(nn.SiLU(), QuantSpec(bits=2, rounding="nearest")), x)
     assert stochastic == nearest == x.numel() // 4 + 1  # codes + the NaN flag byte
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", ["silu", "hardswish", "sigmoid"])
+def test_grid_lookup_codes_equal_bucketize(name, dtype):
+    # encode_derivative looks intervals up on the table's grid instead of searching: the same
+    # codes as torch.bucketize, also on and next to every boundary, at +-8, +-inf and NaN.
+    grid = torch.arange(-300, 301, dtype=torch.float32) / 32
+    specials = torch.tensor([math.inf, -math.inf, math.nan, 8.0, -8.0, 1e30, -1e30, 0.0, -0.0])
+    for bits in (1, 2, 4, 8):
+        boundaries, _ = fewbit.derivative_table(name, bits)
+        up, down = torch.tensor(9.0), torch.tensor(-9.0)
+        x = torch.cat([
+            4 * torch.randn(5000, generator=torch.Generator().manual_seed(bits)),
+            grid, grid + 1e-6, grid - 1e-6,
+            boundaries, boundaries.nextafter(up), boundaries.nextafter(down), specials,
+        ]).to(dtype)  # fmt: skip
+        expected = torch.bucketize(x, boundaries, out_int32=True)
+        got = unpack_codes(fewbit.encode_derivative(x, name, bits), bits, x.numel())
+        assert torch.equal(got.to(torch.int32), expected)

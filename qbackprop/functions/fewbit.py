@@ -292,10 +292,28 @@ def encode_derivative(
     Returns:
         A uint8 tensor of ``ceil(x.numel() * bits / 8)`` bytes.
     """
-    boundaries, _ = _table_on(name, bits, params, x.device)
-    # bucketize compares in the promoted dtype, so half inputs meet fp32 boundaries exactly.
-    codes = torch.bucketize(x.reshape(-1), boundaries, out_int32=True)
-    return pack_codes(codes, bits)
+    # The boundaries lie on the grid of step 1/GRID_CELLS_PER_UNIT, so the interval of x is a
+    # table lookup at ceil(x * GRID_CELLS_PER_UNIT) (exact: a power-of-two scale), the same
+    # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
+    table = _grid_codes_on(name, bits, params, x.device)
+    half = GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT
+    flat = x.reshape(-1)
+    scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
+    cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
+    cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
+    return pack_codes(table[cell.to(torch.int32).add_(half)], bits)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_codes_on(
+    name: str, bits: int, params: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
+    """Code of every grid point v/GRID_CELLS_PER_UNIT (v = -half..half): x in ((v-1)/g, v/g]
+    has ``#boundaries < x = #boundaries < v/g``, i.e. ``bucketize(v/g)``."""
+    boundaries, _ = derivative_table(name, bits, params)
+    half = GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT
+    points = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
+    return torch.bucketize(points, boundaries.double(), out_int32=True).to(device)
 
 
 def decode_derivative(
