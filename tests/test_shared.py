@@ -198,3 +198,21 @@ def test_a_finer_consumer_keeps_its_own_copy(x):
     report = qb.measure_saved_activations(model, x)
     assert row_bytes(report, "conv2") > 0  # an 8-bit conv does not take a 3-bit x̂
     assert not shared.feeds_converted(model.bn)  # ... so bn does not widen for nothing
+
+
+def test_non_affine_bn_and_a_second_backward(x):
+    torch.manual_seed(0)
+    ref = BnActConv(nn.SiLU())
+    ref.bn = nn.BatchNorm2d(8, affine=False)
+    exact = grads(ref, x)
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
+    grads(model, x)
+    assert shared.feeds_converted(model.bn)
+    model.zero_grad(set_to_none=True)
+    loss = model(x).square().mean()
+    loss.backward(retain_graph=True)  # the shared x̂ is rebuilt again for a second backward
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()
+    second = {n: p.grad - first[n] for n, p in model.named_parameters()}
+    assert rel_error(first, exact) < 0.02
+    assert all(torch.equal(first[k], second[k]) for k in first)
