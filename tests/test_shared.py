@@ -216,3 +216,18 @@ def test_non_affine_bn_and_a_second_backward(x):
     second = {n: p.grad - first[n] for n, p in model.named_parameters()}
     assert rel_error(first, exact) < 0.02
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_activation_checkpointing_of_a_converted_block(x):
+    # torch.utils.checkpoint reruns the forward in backward: recipes are rebuilt with it.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = BnActConv(nn.SiLU())
+    exact = grads(ref, x)
+    model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
+    grads(model, x)
+    model.zero_grad(set_to_none=True)
+    checkpoint(model, x, use_reentrant=False).square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert rel_error(got, exact) < 0.02
