@@ -342,8 +342,8 @@ def _slope(act: Activation, x: torch.Tensor) -> torch.Tensor:
     """The exact ``f'(x)`` in fp32, from torch's own backward kernel (no graph is kept)."""
     x = x.detach().float()
     saved = act.forward(x, False) if act.keeps_output(False) else x
-    with torch.no_grad():
-        return act.exact_backward(torch.ones_like(x), saved, False)
+    with torch.no_grad():  # a broadcast 1 as the output gradient: no tensor of ones is filled
+        return act.exact_backward(x.new_ones(()).expand_as(x), saved, False)
 
 
 def _decode(ctx, act: Activation, grad: torch.Tensor, stored: list[torch.Tensor]) -> torch.Tensor:

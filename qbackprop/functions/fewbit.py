@@ -37,7 +37,15 @@ WEIGHT_STD = 1.5
 # it, not the level count, sets the error (SiLU: 0.45 % relative; 0.23 % on a 3x finer grid).
 GRID_HALF_WIDTH = 8
 GRID_CELLS_PER_UNIT = 32
+GRID_HALF_CELLS = GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT
 MAX_BITS = 8
+
+
+def grid_edges() -> torch.Tensor:
+    """The cell edges ``v / GRID_CELLS_PER_UNIT``, ``v = -GRID_HALF_CELLS..GRID_HALF_CELLS``
+    (float64; integer numerators keep 0, +-1, +-3 exact edges, not 1e-16 off)."""
+    v = torch.arange(-GRID_HALF_CELLS, GRID_HALF_CELLS + 1, dtype=torch.float64)
+    return v / GRID_CELLS_PER_UNIT
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -208,9 +216,7 @@ def derivative_table(
     """
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"derivative codes take 1..{MAX_BITS} bits, got {bits}")
-    half = int(GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT)
-    # Integer numerators keep the edges exact (0, +-1, +-3 are edges, not 1e-16 off).
-    edges = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
+    edges = grid_edges()
     centers = (edges[1:] + edges[:-1]) / 2
     # Each cell's probability mass; the outer cells also take the tails beyond the grid.
     cdf = torch.special.ndtr(edges / weight_std)
@@ -230,10 +236,8 @@ RANGE_HALF_WIDTH = 40.0
 @functools.cache
 def derivative_range(name: str, params: tuple[float, ...] = ()) -> tuple[float, float]:
     """``(min f', max f')`` of activation ``name``: the end levels of its unbiased codes."""
-    half = int(GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT)
-    fine = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
     wide = torch.linspace(-RANGE_HALF_WIDTH, RANGE_HALF_WIDTH, 8001, dtype=torch.float64)
-    values = derivative(name, torch.cat([fine, wide]), params)
+    values = derivative(name, torch.cat([grid_edges(), wide]), params)
     values = values[values.isfinite()]
     return float(values.min()), float(values.max())
 
@@ -296,7 +300,7 @@ def encode_derivative(
     # table lookup at ceil(x * GRID_CELLS_PER_UNIT) (exact: a power-of-two scale), the same
     # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
     table = _grid_codes_on(name, bits, params, x.device)
-    half = GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT
+    half = GRID_HALF_CELLS
     flat = x.reshape(-1)
     scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
     cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
@@ -311,9 +315,7 @@ def _grid_codes_on(
     """Code of every grid point v/GRID_CELLS_PER_UNIT (v = -half..half): x in ((v-1)/g, v/g]
     has ``#boundaries < x = #boundaries < v/g``, i.e. ``bucketize(v/g)``."""
     boundaries, _ = derivative_table(name, bits, params)
-    half = GRID_HALF_WIDTH * GRID_CELLS_PER_UNIT
-    points = torch.arange(-half, half + 1, dtype=torch.float64) / GRID_CELLS_PER_UNIT
-    return torch.bucketize(points, boundaries.double(), out_int32=True).to(device)
+    return torch.bucketize(grid_edges(), boundaries.double(), out_int32=True).to(device)
 
 
 def decode_derivative(
