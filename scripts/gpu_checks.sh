@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The CUDA checks in one pass, for a machine with a GPU (issue 6): the CUDA tests, then
+# training-step time and peak memory (efficientnetv2_s, batch 128, 224 px; eager and fused),
+# compress/decompress against clone(), the small-model step bench, and the whole suite.
+# Each part has its own time limit and log; a failing part does not stop the next.
+#
+#   OUT=gpu_logs bash scripts/gpu_checks.sh         # logs under $OUT
+#   SMALL=1 ...                                     # tiny sizes: check the script itself
+set -u
+OUT=${OUT:-gpu_logs}
+PY=$(command -v "${PY:-python3}")
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute (not resolved: a venv's link)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${SMALL:-}" ]; then
+  BIG="--batch-size 2 --image-size 64 --rounds 1"; SMALLM="--batch-size 4 --rounds 1"
+  NUMEL=65536; SUITE=""
+else
+  BIG="--batch-size 128 --image-size 224 --rounds 5"; SMALLM="--rounds 5"
+  NUMEL=16777216; SUITE=1
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name: rc $?"
+  tail -n 25 "$OUT/$name.log"
+}
+
+{ nvidia-smi; "$PY" -c "import torch, timm, brevitas; print(torch.__version__, timm.__version__,
+  brevitas.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+} >"$OUT/env.log" 2>&1
+tail -n 1 "$OUT/env.log"
+part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests
+cd scripts
+part step_effnetv2_s_eager 120 env QBACKPROP_FUSED=0 "$PY" bench_step.py \
+  --models efficientnetv2_s $BIG
+part step_effnetv2_s_fused 180 env QBACKPROP_FUSED=1 "$PY" bench_step.py \
+  --models efficientnetv2_s $BIG
+part compress_fused 60 env QBACKPROP_FUSED=1 "$PY" bench_compress.py --numel $NUMEL --bits 2 4
+part compress_eager 40 env QBACKPROP_FUSED=0 "$PY" bench_compress.py --numel $NUMEL --bits 2 4
+part step_small_eager 60 env QBACKPROP_FUSED=0 "$PY" bench_step.py $SMALLM
+cd ..
+[ -n "$SUITE" ] && part suite 90 "$PY" -m pytest -q -x -p no:cacheprovider -n 12 tests
+echo "=== done $(date +%T)"
