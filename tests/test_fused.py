@@ -172,7 +172,7 @@ def _check_unbiased(samples, x, step):
 @pytest.fixture
 def stub_compile(monkeypatch):
     """Kernels run uncompiled; a fresh cache and policy state."""
-    monkeypatch.setattr(fused, "_compile", lambda fn, name, serial: fn)
+    monkeypatch.setattr(fused, "_compile", lambda fn, name, serial, args: fn)
     monkeypatch.setattr(fused, "_cache", {})
     monkeypatch.setattr(fused, "_eager_elements", {})
     monkeypatch.setitem(fused._state, "broken", False)
@@ -209,7 +209,7 @@ def test_auto_compiles_only_after_enough_elements(stub_compile, monkeypatch):
 
 
 def test_compile_failure_warns_once_and_falls_back(stub_compile, monkeypatch):
-    def broken(fn, name, serial):
+    def broken(fn, name, serial, args):
         def fail(*args):
             raise RuntimeError("no compiler here")
 
@@ -266,17 +266,26 @@ def test_compiled_half_precision_absmax_non_divisor_width():
 
 
 @needs_compiler
-def test_compiled_shapes_do_not_recompile():
-    spec = QuantSpec(bits=2, rounding="nearest", bucket_size=256)
-    with fused_mode(True):
-        for rows in [64, 100, 300]:  # all under PARALLEL_NUMEL: one kernel variant
-            for cols in [256, 512, 768]:
-                qb.compress(torch.randn(rows, cols), spec).decompress()
-    fn = fused._cache[("compress", 2, "minmax", False, torch.float32, "cpu", True)]
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+def test_compiled_shapes_do_not_recompile(monkeypatch):
+    compiled, original = [], fused._compile_graph
 
-    entries = _debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__)
-    assert 1 <= len(entries) <= 2  # one graph for all shapes (plus one if a bucket is 1 block)
+    def spy(fn, args, options):
+        compiled.append(tuple(t.shape for t in args))
+        return original(fn, args, options)
+
+    monkeypatch.setattr(fused, "_compile_graph", spy)
+    monkeypatch.setattr(fused, "_cache", {})
+    spec = QuantSpec(bits=2, rounding="nearest", bucket_size=256)
+    with fused_mode(True), kernel_calls() as calls:
+        for rows in [64, 100, 300]:  # all under PARALLEL_NUMEL: one kernel variant
+            for cols in [64, 256, 512, 768]:  # 64: one block per bucket
+                x = torch.randn(rows, cols)
+                y = qb.compress(x, spec).decompress()
+                with fused_mode(False):
+                    assert torch.equal(y, qb.compress(x, spec).decompress())
+    assert calls.count("compress") == 12 and calls.count("decompress") == 12
+    assert len(compiled) == 2  # one compress and one decompress graph for every shape
+    assert "graph_error" not in fused._state
 
 
 @needs_compiler
@@ -320,6 +329,45 @@ def test_compiled_nonfinite_values_are_restored():
     finite = torch.isfinite(x)
     xf = x[finite]
     assert (y[finite] - xf).abs().max() <= (xf.max() - xf.min()) / 3 * 1.01
+
+
+@needs_compiler
+@pytest.mark.parametrize("bits", [2, 3])
+def test_compiled_derivative_codes_are_unbiased_like_eager(bits):
+    from qbackprop.functions import fewbit
+
+    x = torch.randn(64 * 100 + 37, generator=torch.Generator().manual_seed(2)) * 3
+    slope = torch.ops.aten.silu_backward(torch.ones_like(x), x)
+    low, high = fewbit.derivative_range("silu")
+    step = (high - low) / (2**bits - 1)
+
+    def draws(mode):
+        with fused_mode(mode), kernel_calls() as calls:
+            out = torch.stack([
+                fewbit.decode_derivative_unbiased(
+                    fewbit.encode_derivative_unbiased(slope, "silu", bits), x.numel(), "silu", bits
+                )
+                for _ in range(200)
+            ])  # fmt: skip
+        return out, calls
+
+    fast, calls = draws(True)
+    assert set(calls) == {"range_encode", "range_decode"}
+    slow, _ = draws(False)
+    for samples in (fast, slow):
+        assert torch.all((samples - slope).abs() <= step * (1 + 1e-5))
+        # Unbiased: the mean of 200 draws is within ~4 standard errors (sd <= step / 2).
+        assert (
+            (samples.mean(0) - slope).abs() <= 4 * step / 2 / 200**0.5 + 1e-6
+        ).float().mean() > 0.999
+    assert 0.95 < fast.var(0).mean() / slow.var(0).mean() < 1.05
+    # Decoding is deterministic: the kernel gives the eager levels for the same bytes.
+    packed = fewbit.encode_derivative_unbiased(slope, "silu", bits)
+    with fused_mode(True):
+        a = fewbit.decode_derivative_unbiased(packed, x.numel(), "silu", bits)
+    with fused_mode(False):
+        b = fewbit.decode_derivative_unbiased(packed, x.numel(), "silu", bits)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 # ----- CUDA (Triton): run where a GPU is present ---------------------------------------------

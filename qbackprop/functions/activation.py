@@ -350,7 +350,7 @@ def _decode(ctx, act: Activation, grad: torch.Tensor, stored: list[torch.Tensor]
     shape, perm = ctx.layout
     n = shape.numel()
     if act.step is not None:
-        mask = _restore(unpack_codes(stored[0], 1, n).bool(), shape, perm)
+        mask = _restore(unpack_codes(stored[0], 1, n, torch.bool), shape, perm)
         return act.step_backward(grad, mask)
     decode = decode_derivative_unbiased if ctx.unbiased else decode_derivative
     slope = _restore(decode(stored[0], n, act.table, ctx.bits, act.params), shape, perm)

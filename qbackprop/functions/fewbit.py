@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quant.packing import pack_codes, unpack_codes
+from ..quant import fused
+from ..quant.packing import BLOCK, pack_codes, unpack_codes
 from ..quant.stochastic import stochastic_round
 
 # Standard deviation of the zero-mean normal weight the tables minimise the error under. Measured
@@ -260,10 +261,15 @@ def encode_derivative_unbiased(
         A uint8 tensor of ``ceil(slope.numel() * bits / 8)`` bytes.
     """
     low, high = derivative_range(name, params)
+    blocks = fused.encode_range_fused(slope, low, high, bits)  # the whole 64-element blocks
+    done = 0 if blocks is None else slope.numel() - slope.numel() % BLOCK
+    if done == slope.numel():
+        return blocks
     top = 2**bits - 1
     scale = top / (high - low) if high > low else 0.0
-    u = (slope.reshape(-1).float() - low).mul_(scale).clamp_(0, top)
-    return pack_codes(stochastic_round(u, top), bits)
+    u = (slope.reshape(-1)[done:].float() - low).mul_(scale).clamp_(0, top)
+    rest = pack_codes(stochastic_round(u, top), bits)
+    return rest if blocks is None else torch.cat([blocks, rest])
 
 
 def decode_derivative_unbiased(
@@ -271,8 +277,15 @@ def decode_derivative_unbiased(
 ) -> torch.Tensor:
     """The derivative level of each of ``n`` packed unbiased codes, as 1-D float32."""
     low, high = derivative_range(name, params)
+    blocks = fused.decode_range_fused(packed, n, low, high, bits)
+    done = 0 if blocks is None else blocks.numel()
+    if done == n:
+        return blocks
     step = (high - low) / (2**bits - 1)
-    return unpack_codes(packed, bits, n).float().mul_(step).add_(low)
+    # The packed tail starts on a byte: blocks of 64 codes fill whole bytes.
+    rest = unpack_codes(packed[done * bits // 8 :], bits, n - done, torch.float32)
+    rest = rest.mul_(step).add_(low)
+    return rest if blocks is None else torch.cat([blocks, rest])
 
 
 @functools.lru_cache(maxsize=256)

@@ -53,7 +53,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         _, (codes,) = load_saved(ctx)
         shape, dtype, kw, sh, sw, ph, pw, dh, dw, bits, out_shape = ctx.geometry
         oh, ow = out_shape[-2:]
-        pos = unpack_codes(codes, bits, grad.numel()).view(out_shape).to(torch.int64)
+        pos = unpack_codes(codes, bits, grad.numel(), torch.int64).view(out_shape)
         row = _window_origins(oh, sh, ph, grad.device).view(-1, 1) + (pos // kw) * dh
         col = _window_origins(ow, sw, pw, grad.device).view(1, -1) + (pos % kw) * dw
         indices = row * shape[-1] + col

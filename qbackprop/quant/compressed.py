@@ -109,17 +109,18 @@ class CompressedTensor:
         mask = unpack_codes(self.mix_mask, 1, layout.num_buckets).bool()
         return torch.where(mask, spec.mix_bits, spec.bits).view(-1, 1)
 
-    def codes(self) -> torch.Tensor:
-        """Unpacked integer codes, a ``(buckets, bucket_len)`` int32 matrix (for inspection)."""
+    def codes(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Unpacked integer codes, a ``(buckets, bucket_len)`` matrix of ``dtype`` (int32 by
+        default; a float dtype for dequantizing)."""
         layout = self.layout
         per_bucket = layout.bucket_len
         if self.mix_mask is None:
-            flat = unpack_codes(self.packed[0], self.row_bits(), layout.padded_numel)
+            flat = unpack_codes(self.packed[0], self.row_bits(), layout.padded_numel, dtype)
             return flat.view(layout.num_buckets, per_bucket)
         k = self.n_mixed
-        mixed = unpack_codes(self.packed[0], self.spec.mix_bits, k * per_bucket)
+        mixed = unpack_codes(self.packed[0], self.spec.mix_bits, k * per_bucket, dtype)
         plain_n = (layout.num_buckets - k) * per_bucket
-        plain = unpack_codes(self.packed[1], self.spec.bits, plain_n)
+        plain = unpack_codes(self.packed[1], self.spec.bits, plain_n, dtype)
         ordered = torch.cat([mixed, plain]).view(layout.num_buckets, per_bucket)
         order = _mixed_first(unpack_codes(self.mix_mask, 1, layout.num_buckets).bool())
         return torch.empty_like(ordered).index_copy_(0, order, ordered)
@@ -133,7 +134,7 @@ class CompressedTensor:
             return out
         layout = self.layout
         work = _work_dtype(self.spec)
-        q = self.codes().to(work)
+        q = self.codes(work)
         levels = _levels(self.row_bits(), work)
         if self.spec.scale == Scale.MINMAX:
             low, step = (m.to(work).view(-1, 1) for m in self.meta)

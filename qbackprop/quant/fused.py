@@ -39,8 +39,10 @@ if TYPE_CHECKING:
     from .compressed import CompressedTensor
     from .spec import QuantSpec
 
-# Below this many elements the fixed cost of a compiled call (~0.1-0.3 ms) beats the saving.
-MIN_NUMEL = 1 << 15
+# Below this size the fixed cost of a compiled call (~0.02 ms through the graph called
+# directly, see _compile_graph, plus ~0.1 ms of bookkeeping) beats the saving: eager compress
+# is a chain of ~30 small ops (~0.6 ms at 4096 elements on CPU), eager decompress ~6 (~0.2 ms).
+MIN_NUMEL = 1 << 12
 # Smaller tensors run a single-threaded kernel: starting OpenMP threads costs more than they
 # save there, and far more on a busy machine, where a parallel region waits for a free core.
 PARALLEL_NUMEL = 1 << 18
@@ -50,7 +52,6 @@ PARALLEL_NUMEL = 1 << 18
 AUTO_ELEMENTS = 1 << 27
 _MAX_NUMEL = 1 << 30  # element counters are int32
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_COUNTER_MULTIPLIER = -1640531535  # 0x9E3779B1 (golden ratio) as int32
 
 
 def _mode_from_env() -> bool | None:
@@ -66,6 +67,7 @@ _state: dict = {"mode": _mode_from_env(), "broken": False}
 _cache: dict[tuple, Callable] = {}  # compiled kernels by configuration
 _eager_elements: dict[tuple, int] = {}  # auto mode: elements seen per configuration
 _zero_seeds: dict[torch.device, torch.Tensor] = {}
+_constant_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def set_enabled(enabled: bool | None) -> None:
@@ -138,8 +140,8 @@ def compress_fused(
         return None
     tail = flat[last:]
     tail = torch.cat([tail, tail[-1:].expand(pad)]).view(2, -1, BLOCK)
-    # The tail's counters continue the main part's: counter * K + seed is linear in the counter.
-    shifted = seed.long() + (last // 2) * _COUNTER_MULTIPLIER  # one hash per two elements
+    # The tail's counters continue the main part's (one hash per two elements).
+    shifted = seed.long() + last // 2
     end = _encode(key, tail, (shifted & 0xFFFFFFFF).to(torch.int32))
     if end is None:
         return None
@@ -173,6 +175,62 @@ def decompress_fused(ct: CompressedTensor) -> torch.Tensor | None:
     return from_buckets(out.view(layout.num_buckets, layout.bucket_len), layout, ct.dtype)
 
 
+def encode_range_fused(
+    values: torch.Tensor,
+    low: float,
+    high: float,
+    bits: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """Packed stochastic ``bits``-wide codes of the whole 64-element blocks of flat ``values``
+    on ``2**bits`` levels spread evenly over the fixed range ``[low, high]`` (values clamped
+    into it): the unbiased derivative codes of ``functions/fewbit.py`` in one kernel. The
+    bytes are ``pack_codes``'s block layout; the caller packs the last ``numel % 64`` codes.
+    None: use the eager path.
+    """
+    n = values.numel() - values.numel() % BLOCK
+    if bits > 8 or values.dtype not in _FLOAT_DTYPES or not MIN_NUMEL <= n < _MAX_NUMEL:
+        return None
+    key = ("range_encode", bits, values.dtype, values.device.type)
+    if not _wanted(key, values.device, n):
+        return None
+    key += (values.device.type == "cpu" and n < PARALLEL_NUMEL,)
+    top = 2**bits - 1
+    scale = top / (high - low) if high > low else 0.0
+    blocks = values.reshape(-1)[:n].view(-1, BLOCK)
+    seed = _seed(generator, values.device)
+    out = _call(key, _range_encode_fn, blocks, seed, *_constants(values.device, low, scale))
+    return None if out is None else out.view(-1)
+
+
+def decode_range_fused(
+    packed: torch.Tensor, n: int, low: float, high: float, bits: int
+) -> torch.Tensor | None:
+    """fp32 levels of the first ``n - n % 64`` codes that ``encode_range_fused`` packed (the
+    inverse map, ``low + code * step``); None: use the eager path."""
+    n -= n % BLOCK
+    if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
+        return None
+    key = ("range_decode", bits, packed.device.type)
+    if not _wanted(key, packed.device, n):
+        return None
+    key += (packed.device.type == "cpu" and n < PARALLEL_NUMEL,)
+    step = (high - low) / (2**bits - 1)
+    blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
+    out = _call(key, _range_decode_fn, blocks, *_constants(packed.device, low, step))
+    return None if out is None else out.view(-1)
+
+
+def _constants(device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:
+    """fp32 scalars as 0-dim tensors, made once: a Python float argument would be compiled in
+    as a constant, so every activation's range would compile a kernel of its own."""
+    out = _constant_cache.get((device, values))
+    if out is None:
+        out = tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in values)
+        _constant_cache[(device, values)] = out
+    return out
+
+
 def _encode(key: tuple, blocks: torch.Tensor, seed: torch.Tensor):
     out = _call(key, _compress_fn, blocks, seed)
     if out is None:
@@ -199,17 +257,13 @@ def _zero_seed(device: torch.device) -> torch.Tensor:
 def _call(key: tuple, factory: Callable[..., Callable], *args: torch.Tensor):
     """Run the kernel for ``key`` (kind, *factory arguments, serial), compiling it on first
     use; None if that fails."""
-    args = tuple(_plain(t) for t in args)
+    # The compiled code assumes dense inputs (it checks their strides).
+    args = tuple(t if t.is_contiguous() else t.contiguous() for t in args)
     fn = _cache.get(key)
-    if fn is None:
-        name = "qbackprop_" + "_".join(map(str, key))
-        fn = _cache[key] = _compile(factory(*key[1:-1]), name, serial=key[-1])
-        # Bucket and block counts vary with the shape: compile them as symbols, so that new
-        # shapes reuse the kernel instead of recompiling.
-        for t in args:
-            for dim in range(min(t.dim(), 2)):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
     try:
+        if fn is None:
+            name = "qbackprop_" + "_".join(map(str, key))
+            fn = _cache[key] = _compile(factory(*key[1:-1]), name, key[-1], args)
         with torch.no_grad():
             return fn(*args)
     except Exception as err:  # no C++ compiler, no Triton, ...: fall back for good
@@ -223,6 +277,87 @@ def _call(key: tuple, factory: Callable[..., Callable], *args: torch.Tensor):
         return None
 
 
+def _compile(fn: Callable, name: str, serial: bool, args: tuple[torch.Tensor, ...]) -> Callable:
+    """``fn`` compiled by Inductor for inputs like ``args`` of any size in every dimension but
+    the last (the bucket and block counts)."""
+    options = {"cpp.threads": 1} if serial else {}
+    options.update(_exact_division_option())
+    try:
+        return _compile_graph(fn, args, options)
+    except Exception as err:  # another release's internals: go through Dynamo instead
+        _state["graph_error"] = f"{type(err).__name__}: {err}"
+        return _compile_dynamo(fn, name, options)
+
+
+def _compile_graph(fn: Callable, args: tuple[torch.Tensor, ...], options: dict) -> Callable:
+    """Trace ``fn`` to an aten graph with symbolic sizes and hand it to Inductor directly.
+
+    Called through ``torch.compile``, each kernel call also runs Dynamo's frame evaluation,
+    guards and AOTAutograd's wrappers: ~0.2 ms on CPU, more than the kernel itself for the
+    tensors of a small model. The graph called directly costs ~0.02 ms. It is traced once, on
+    inputs whose dynamic sizes are distinct and above 1 (5 and 3), so that no size is
+    specialized and no two sizes are merged; the kernels are shape-polymorphic by design.
+    """
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    single = not isinstance(fn(*args), tuple)  # (also checks that fn runs eagerly)
+
+    def as_tuple(*inputs):
+        out = fn(*inputs)
+        return (out,) if single else tuple(out)
+
+    examples = [_example(t) for t in args]
+    graph = make_fx(as_tuple, decomposition_table=select_decomp_table(), tracing_mode="symbolic")(
+        *examples
+    )
+    fakes = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
+    from torch._inductor import config
+
+    with config.patch(options):
+        compiled = compile_fx_inner(graph, fakes)
+
+    def run(*inputs: torch.Tensor):
+        out = compiled(list(inputs))  # (the compiled code empties the list it is given)
+        return out[0] if single else tuple(out)
+
+    return run
+
+
+def _example(t: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``t`` whose dynamic sizes (all but the last) are 5 and 3: the same
+    quantity (bucket count, blocks per bucket) is the same dimension in every kernel input."""
+    if t.dim() == 0:
+        return torch.zeros((), dtype=t.dtype, device=t.device)
+    dynamic = (5, 3)[: max(t.dim() - 1, 1)]
+    shape = dynamic + tuple(t.shape[len(dynamic) :])
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+def _compile_dynamo(fn: Callable, name: str, options: dict) -> Callable:
+    # A fresh code object per configuration: Dynamo caches compiled graphs (and counts
+    # recompilations) per code object, so configurations never evict one another.
+    name = "".join(c if c.isalnum() else "_" for c in name)
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    compiled = torch.compile(fresh, fullgraph=True, options=options)
+    first = [True]
+
+    def run(*inputs: torch.Tensor):
+        inputs = tuple(_plain(t) for t in inputs)
+        if first.pop() if first else False:
+            # Bucket and block counts vary with the shape: compile them as symbols, so that
+            # new shapes reuse the kernel instead of recompiling.
+            for t in inputs:
+                for dim in range(min(t.dim(), 2)):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(*inputs)
+
+    run._torchdynamo_orig_callable = fresh  # (for tests that count recompilations)
+    return run
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """``t`` (same storage, sizes, strides) but not a view: Dynamo guards views through their
     base too, and a base of another shape would make it compile again."""
@@ -232,13 +367,16 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
-def _compile(fn: Callable, name: str, serial: bool) -> Callable:
-    # A fresh code object per configuration: Dynamo caches compiled graphs (and counts
-    # recompilations) per code object, so configurations never evict one another.
-    name = "".join(c if c.isalnum() else "_" for c in name)
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
-    fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    return torch.compile(fresh, fullgraph=True, options={"cpp.threads": 1} if serial else None)
+def _exact_division_option() -> dict:
+    """Inductor's switch for IEEE division in Triton (``/`` is approximate there by default),
+    so that nearest codes match eager CUDA bit for bit; its name changed between releases."""
+    from torch._inductor import config
+
+    if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
+        return {"eager_numerics.division_rounding": True}
+    if hasattr(config, "emulate_divison_rounding"):  # (sic) before torch 2.12
+        return {"emulate_divison_rounding": True}
+    return {}
 
 
 # ----- the pure tensor functions that get compiled -----------------------------------------
@@ -252,8 +390,11 @@ def _geometry(bits: int) -> tuple[int, int, int]:
 
 
 def _hash32(counter: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """``lowbias32`` of ``counter + seed`` on int32 (wrapping); right shifts made logical."""
-    h = counter * _COUNTER_MULTIPLIER + seed
+    """``lowbias32`` of ``counter + seed`` on int32 (wrapping); right shifts made logical.
+
+    The counter enters unscaled: Inductor folds a constant factor into its index arithmetic,
+    where Triton then rejects the product as out of the int32 range."""
+    h = counter + seed
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * 0x7FEB352D
     h = h ^ ((h >> 15) & 0x1FFFF)
@@ -395,3 +536,30 @@ def _decompress_fn(bits: int, scale: str, dtype: torch.dtype, _device_type: str)
         return torch.stack(values, dim=2)
 
     return decompress_minmax if scale == Scale.MINMAX.value else decompress_symmetric
+
+
+def _range_encode_fn(bits: int, *_input_kind) -> Callable:
+    """The fixed-range stochastic encode kernel (see ``encode_range_fused``)."""
+    planes, byte_planes, length = _geometry(bits)
+    top = float(2**bits - 1)
+
+    def encode(blocks: torch.Tensor, seed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor):
+        count = blocks.shape[0]
+        u = ((blocks.float() - low) * scale).clamp(0.0, top).view(count, 1, planes, length)
+        thresholds = _thresholds((count, 1, length), seed, planes)
+        codes = [(u[:, :, k] + thresholds[k]).floor().clamp(max=top) for k in range(planes)]
+        return _pack_planes(codes, bits, byte_planes)
+
+    return encode
+
+
+def _range_decode_fn(bits: int, _device_type: str) -> Callable:
+    """The fixed-range decode kernel: fp32 ``low + code * step``."""
+    planes, byte_planes, length = _geometry(bits)
+
+    def decode(blocks: torch.Tensor, low: torch.Tensor, step: torch.Tensor):
+        count = blocks.shape[0]
+        codes = _unpack_planes(blocks.view(count, 1, byte_planes, length), bits, planes)
+        return torch.stack([q * step + low for q in codes], dim=2)
+
+    return decode

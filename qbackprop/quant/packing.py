@@ -47,53 +47,66 @@ def _word_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if 8 % bits == 0 else torch.int32 if bits % 3 == 0 else torch.int64
 
 
+_shift_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _shifts(count: int, step: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[0, step, ..., (count - 1) * step]`` as a ``(1, count, 1)`` tensor, made once per
+    device: packing runs for every saved tensor, and small tensors are dominated by such
+    fixed costs."""
+    key = (count, step, dtype, device)
+    out = _shift_cache.get(key)
+    if out is None:
+        out = torch.arange(0, count * step, step, dtype=dtype, device=device).view(1, -1, 1)
+        _shift_cache[key] = out
+    return out
+
+
 def _pack_blocks(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes of whole blocks (a multiple of 64, any integer dtype) into the planar byte layout."""
     planes, byte_planes, length = block_geometry(bits)
     dtype = _word_dtype(bits)
-    device = codes.device
-    shifts = torch.arange(0, planes * bits, bits, dtype=dtype, device=device).view(1, -1, 1)
+    shifts = _shifts(planes, bits, dtype, codes.device)
     words = (codes.to(dtype).view(-1, planes, length) << shifts).sum(dim=1, dtype=dtype)
     if byte_planes == 1:
         return words.reshape(-1)
-    byte_shifts = torch.arange(0, 8 * byte_planes, 8, dtype=dtype, device=device).view(1, -1, 1)
+    byte_shifts = _shifts(byte_planes, 8, dtype, codes.device)
     return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
-def _unpack_blocks(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``_pack_blocks``: int32 codes of whole blocks."""
+def _unpack_blocks(packed: torch.Tensor, bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``_pack_blocks``: codes of whole blocks, as ``out_dtype``."""
     planes, byte_planes, length = block_geometry(bits)
     dtype = _word_dtype(bits)
-    device = packed.device
     bytes_ = packed.view(-1, byte_planes, length).to(dtype)
     if byte_planes == 1:
         words = bytes_
     else:
-        byte_shifts = torch.arange(0, 8 * byte_planes, 8, dtype=dtype, device=device).view(1, -1, 1)
+        byte_shifts = _shifts(byte_planes, 8, dtype, packed.device)
         words = (bytes_ << byte_shifts).sum(dim=1, keepdim=True, dtype=dtype)
-    shifts = torch.arange(0, planes * bits, bits, dtype=dtype, device=device).view(1, -1, 1)
-    return ((words >> shifts) & ((1 << bits) - 1)).to(torch.int32).reshape(-1)
+    shifts = _shifts(planes, bits, dtype, packed.device)
+    return ((words >> shifts) & ((1 << bits) - 1)).to(out_dtype).reshape(-1)
 
 
 def _pack_sequential(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Fewer than 64 codes in plain little-endian bit order: ``ceil(n * bits / 8)`` bytes."""
     n = codes.numel()
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    bit_idx = _shifts(bits, 1, torch.uint8, codes.device).view(1, -1)
     stream = (codes.to(torch.uint8).view(-1, 1) >> bit_idx) & 1  # (n, bits), bit 0 first
     stream = stream.reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
+    byte_shifts = _shifts(8, 1, torch.uint8, codes.device).view(1, -1)
     return (stream.view(-1, 8) << byte_shifts).sum(dim=1, dtype=torch.uint8)[
         : packed_numel(n, bits)
     ]
 
 
 def _unpack_sequential(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    byte_shifts = _shifts(8, 1, torch.uint8, packed.device).view(1, -1)
     stream = ((packed.view(-1, 1) >> byte_shifts) & 1).reshape(-1)[: n * bits]
-    bit_idx = torch.arange(bits, dtype=torch.int32, device=packed.device)
+    bit_idx = _shifts(bits, 1, torch.int32, packed.device).view(1, -1)
     return (stream.view(n, bits).to(torch.int32) << bit_idx).sum(dim=1, dtype=torch.int32)
 
 
@@ -129,21 +142,24 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: the first ``n`` codes as an int32 tensor."""
+def unpack_codes(
+    packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Inverse of ``pack_codes``: the first ``n`` codes, as int32 or the ``dtype`` asked for
+    (a float dtype saves the caller a conversion)."""
     if bits > 16:
-        return packed.to(torch.int32)[:n]
+        return packed[:n].to(dtype)
     if bits > 8:
-        return packed.view(torch.uint16).to(torch.int32)[:n]
+        return packed[:n].view(torch.uint16).to(torch.int32).to(dtype)
     if bits == 8:
-        return packed.to(torch.int32)[:n]
+        return packed[:n].to(dtype)
     whole = n - n % BLOCK
     whole_bytes = whole * bits // 8
     parts = []
     if whole:
-        parts.append(_unpack_blocks(packed[:whole_bytes], bits))
+        parts.append(_unpack_blocks(packed[:whole_bytes], bits, dtype))
     if whole < n:
-        parts.append(_unpack_sequential(packed[whole_bytes:], bits, n - whole))
+        parts.append(_unpack_sequential(packed[whole_bytes:], bits, n - whole).to(dtype))
     if not parts:
-        return packed.new_empty(0, dtype=torch.int32)
+        return packed.new_empty(0, dtype=dtype)
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -113,7 +114,10 @@ class QuantSpec:
 
     def replace(self, **changes: Any) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        try:
+            return _replaced(self, tuple(sorted(changes.items())))
+        except TypeError:  # an unhashable value: nothing to cache
+            return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form: enums as strings, unset mix fields left out."""
@@ -197,3 +201,10 @@ PRESETS = {
     "2/4-mix": lambda: QuantSpec(bits=2, mix_bits=4, mix_prob=0.5, rounding="stochastic"),
     "fp32": lambda: QuantSpec(bits=32),
 }
+
+
+@functools.lru_cache(maxsize=1024)
+def _replaced(spec: QuantSpec, changes: tuple) -> QuantSpec:
+    # Layers derive specs (wider shared copies, gate bits) in every forward: validating the
+    # same derived spec again each time is measurable on small tensors.
+    return dataclasses.replace(spec, **dict(changes))
