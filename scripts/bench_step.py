@@ -19,6 +19,7 @@ import torch
 from bench_common import build_model, checkpoint_stages, header, quiet, table
 
 import qbackprop as qb
+from qbackprop.quant import fused
 
 VARIANTS = {
     "fp32": None,
@@ -76,14 +77,30 @@ def main() -> None:
     parser.add_argument("--models", default="efficientnetv2_rw_t,resnet18")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps first: the first learns which BatchNorm outputs are shared, the "
+        "second runs (and compiles) the kernels every later step uses",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--fused",
+        choices=["on", "off", "auto"],
+        default="on",
+        help="compiled compress kernels: on (default: the steady state of a training run; "
+        "auto mode compiles them within its first steps), off (eager) or auto (the library "
+        "default, as a short run sees it)",
+    )
     args = parser.parse_args()
+    fused.set_enabled({"on": True, "off": False, "auto": None}[args.fused])
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(header("training-step time, interleaved"))
+    print(header(f"training-step time, interleaved; fused kernels {args.fused}"))
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -92,8 +109,9 @@ def main() -> None:
         y = torch.randint(0, 10, (args.batch_size,), device=args.device)
         models = {k: make_variant(base, v) for k, v in VARIANTS.items()}
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
-        for k in models:  # warm-up (and the fused path's compile, where it applies)
-            step(models[k], opts[k], x, y)
+        for _ in range(args.warmup):
+            for k in models:
+                step(models[k], opts[k], x, y)
         times = {k: [] for k in models}
         for _ in range(args.rounds):
             for k in models:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks in one pass, for a machine with a GPU (issue 6): the CUDA tests, then
-# training-step time and peak memory (efficientnetv2_s, batch 128, 224 px; eager and fused),
-# compress/decompress against clone(), the small-model step bench, and the whole suite.
+# training-step time and peak memory (efficientnetv2_s, batch 128, 224 px), a profile of its
+# 2-bit step, compress/decompress against clone(), the small-model step bench, and the
+# efficientnetv2_s step with the fused kernels off.
 # Each part has its own time limit and log; a failing part does not stop the next.
 #
 #   OUT=gpu_logs bash scripts/gpu_checks.sh         # logs under $OUT
@@ -15,10 +16,10 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${SMALL:-}" ]; then
   BIG="--batch-size 2 --image-size 64 --rounds 1"; SMALLM="--batch-size 4 --rounds 1"
-  NUMEL=65536; SUITE=""
+  NUMEL=65536; PROFILE="--batch-size 2 --image-size 64"
 else
   BIG="--batch-size 128 --image-size 224 --rounds 5"; SMALLM="--rounds 5"
-  NUMEL=16777216; SUITE=1
+  NUMEL=16777216; PROFILE="--batch-size 128 --image-size 224"
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
@@ -35,13 +36,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 tail -n 1 "$OUT/env.log"
 part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests
 cd scripts
-part step_effnetv2_s_eager 120 env QBACKPROP_FUSED=0 "$PY" bench_step.py \
-  --models efficientnetv2_s $BIG
-part step_effnetv2_s_fused 180 env QBACKPROP_FUSED=1 "$PY" bench_step.py \
-  --models efficientnetv2_s $BIG
-part compress_fused 60 env QBACKPROP_FUSED=1 "$PY" bench_compress.py --numel $NUMEL --bits 2 4
-part compress_eager 40 env QBACKPROP_FUSED=0 "$PY" bench_compress.py --numel $NUMEL --bits 2 4
-part step_small_eager 60 env QBACKPROP_FUSED=0 "$PY" bench_step.py $SMALLM
+part step_effnetv2_s 150 "$PY" bench_step.py --models efficientnetv2_s $BIG --fused on
+part profile_effnetv2_s 70 env QBACKPROP_FUSED=1 "$PY" profile_step.py --model efficientnetv2_s \
+  $PROFILE --rows 30
+part compress_fused 45 env QBACKPROP_FUSED=1 "$PY" bench_compress.py --numel $NUMEL --bits 2 4
+part step_small 90 "$PY" bench_step.py $SMALLM --fused on
+part step_effnetv2_s_eager 90 "$PY" bench_step.py --models efficientnetv2_s $BIG --fused off
 cd ..
-[ -n "$SUITE" ] && part suite 90 "$PY" -m pytest -q -x -p no:cacheprovider -n 12 tests
 echo "=== done $(date +%T)"
