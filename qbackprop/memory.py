@@ -118,7 +118,9 @@ class _Recorder:
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         self.observe(t)
-        return t
+        # Detached: a saved *output* kept with its grad_fn would own the node that owns it, a
+        # cycle through C++ that no gc breaks when, as here, backward never runs.
+        return t.detach()
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator[None]:

@@ -199,3 +199,24 @@ def test_no_grad_forward_is_plain():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
+
+
+def test_measuring_keeps_no_graph_alive():
+    """The meter's forwards never run backward: a saved output kept with its grad_fn would make a
+    cycle through C++ that no gc frees (it once held ~2x the activations after every call)."""
+    import gc
+    import weakref
+
+    outputs = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            y = torch.sigmoid(x)  # sigmoid saves its own output for backward
+            outputs.append(weakref.ref(y))
+            return y * 2
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), Probe())
+    qb.convert_model(model, "2bit-stochastic")
+    qb.measure_saved_activations(model, torch.randn(4, 8))
+    gc.collect()
+    assert len(outputs) >= 2 and all(ref() is None for ref in outputs)

@@ -80,7 +80,9 @@ class FallbackCompressor:
         if not self._eligible(t):
             for observe in _OBSERVERS:
                 observe(t)
-            return t
+            # Detached (lossless: autograd restores the grad_fn on unpack): an output kept with
+            # its grad_fn would form a cycle through C++ that leaks if backward never runs.
+            return t.detach()
         key = _storage_key(t)
         packed = self._shared.get(key)
         if packed is None:

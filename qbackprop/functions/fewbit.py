@@ -95,6 +95,11 @@ def _unchanged(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    # (An output packed with its grad_fn would make a cycle through C++ that leaks.)
+    return t.detach()
+
+
 @contextlib.contextmanager
 def private_autograd():
     """Grad mode on, with identity saved-tensor hooks innermost.
@@ -103,7 +108,7 @@ def private_autograd():
     small graph of its own; only the innermost hooks apply, so an enclosing hook (the fallback
     compressor, a memory meter) never sees, compresses or counts that graph's tensors.
     """
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_detached, _unchanged):
         yield
 
 
