@@ -370,6 +370,25 @@ def test_compiled_derivative_codes_are_unbiased_like_eager(bits):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_grid_derivative_codes_equal_eager(dtype):
+    from qbackprop.functions import fewbit
+
+    x = torch.randn(64 * 80 + 13, generator=torch.Generator().manual_seed(4)) * 4
+    x[5], x[7], x[9], x[11] = float("nan"), float("inf"), -float("inf"), 1e3
+    x = x.to(dtype)
+    for bits in (2, 3):
+        with fused_mode(True), kernel_calls() as calls:
+            fast = fewbit.encode_derivative(x, "silu", bits)
+            slope = fewbit.decode_derivative(fast, x.numel(), "silu", bits)
+        assert calls == ["grid_encode", "level_decode"]
+        with fused_mode(False):
+            slow = fewbit.encode_derivative(x, "silu", bits)
+            ref = fewbit.decode_derivative(slow, x.numel(), "silu", bits)
+        assert torch.equal(fast, slow) and torch.equal(slope, ref)
+
+
 # ----- CUDA (Triton): run where a GPU is present ---------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

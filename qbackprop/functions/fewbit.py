@@ -319,11 +319,16 @@ def encode_derivative(
     # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
     table = _grid_codes_on(name, bits, params, x.device)
     half = GRID_HALF_CELLS
-    flat = x.reshape(-1)
+    blocks = fused.encode_grid_fused(x, table, half, GRID_CELLS_PER_UNIT, bits)
+    done = 0 if blocks is None else x.numel() - x.numel() % BLOCK
+    if done == x.numel():
+        return blocks
+    flat = x.reshape(-1)[done:]
     scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
     cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
     cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
-    return pack_codes(table[cell.to(torch.int32).add_(half)], bits)
+    rest = pack_codes(table[cell.to(torch.int32).add_(half)], bits)
+    return rest if blocks is None else torch.cat([blocks, rest])
 
 
 @functools.lru_cache(maxsize=256)
@@ -341,4 +346,9 @@ def decode_derivative(
 ) -> torch.Tensor:
     """The approximate derivative ``levels[code]`` of ``n`` packed codes, as 1-D float32."""
     _, levels = _table_on(name, bits, params, packed.device)
-    return levels[unpack_codes(packed, bits, n)]
+    blocks = fused.decode_levels_fused(packed, n, levels, bits)
+    done = 0 if blocks is None else blocks.numel()
+    if done == n:
+        return blocks
+    rest = levels[unpack_codes(packed[done * bits // 8 :], bits, n - done)]
+    return rest if blocks is None else torch.cat([blocks, rest])

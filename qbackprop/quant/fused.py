@@ -15,7 +15,8 @@ tensors under ``MIN_NUMEL``) takes the eager path, which stores the same format.
 
 When: ``QBACKPROP_FUSED=0`` (or ``set_enabled(False)``) never; ``QBACKPROP_FUSED=1`` (or
 ``set_enabled(True)``) on every device, compiling at first use; unset (``set_enabled(None)``),
-CPU tensors only, and a configuration (width, rounding, scale, dtype) is compiled once it has
+CPU and CUDA tensors (the devices it was measured on: docs/benchmarks.md), and a
+configuration (width, rounding, scale, dtype) is compiled once it has
 passed ``AUTO_ELEMENTS`` elements through the eager path: compiling costs seconds, so short
 runs (tests, a demo) stay eager and training switches over within its first steps. If a kernel
 fails to compile, one warning is issued and the eager path is used from then on.
@@ -73,7 +74,7 @@ _constant_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 def set_enabled(enabled: bool | None) -> None:
     """Use the fused kernels: True always (any device), False never, None automatically.
 
-    Automatic (the default unless ``QBACKPROP_FUSED`` is set): CPU tensors, once a
+    Automatic (the default unless ``QBACKPROP_FUSED`` is set): CPU and CUDA tensors, once a
     configuration has been used on enough elements to pay for its compilation.
     """
     _state["mode"] = None if enabled is None else bool(enabled)
@@ -91,7 +92,7 @@ def _wanted(key: tuple, device: torch.device, numel: int) -> bool:
         return False
     if mode:
         return True
-    if device.type != "cpu":  # not measured elsewhere: opt in with set_enabled(True)
+    if device.type not in ("cpu", "cuda"):  # not measured elsewhere: opt in with set_enabled
         return False
     seen = _eager_elements.get(key, 0) + numel
     _eager_elements[key] = seen
@@ -221,6 +222,42 @@ def decode_range_fused(
     return None if out is None else out.view(-1)
 
 
+def encode_grid_fused(
+    x: torch.Tensor, table: torch.Tensor, half: int, cells_per_unit: float, bits: int
+) -> torch.Tensor | None:
+    """Packed ``bits``-wide codes ``table[clamp(ceil(x * cells_per_unit), -half, half) + half]``
+    (NaN: the top cell) of the whole 64-element blocks of flat ``x``: the deterministic
+    derivative codes of ``functions/fewbit.py`` in one kernel, the same bytes as its eager
+    path. ``cells_per_unit`` must be a power of two (the product is then exact). None: eager.
+    """
+    n = x.numel() - x.numel() % BLOCK
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if bits > 8 or x.dtype not in dtypes or not MIN_NUMEL <= n < _MAX_NUMEL:
+        return None
+    key = ("grid_encode", bits, half, float(cells_per_unit), x.dtype, x.device.type)
+    if not _wanted(key, x.device, n):
+        return None
+    key += (x.device.type == "cpu" and n < PARALLEL_NUMEL,)
+    out = _call(key, _grid_encode_fn, x.reshape(-1)[:n].view(-1, BLOCK), table)
+    return None if out is None else out.view(-1)
+
+
+def decode_levels_fused(
+    packed: torch.Tensor, n: int, levels: torch.Tensor, bits: int
+) -> torch.Tensor | None:
+    """``levels[code]`` (fp32) of the first ``n - n % 64`` packed codes; None: eager."""
+    n -= n % BLOCK
+    if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
+        return None
+    key = ("level_decode", bits, packed.device.type)
+    if not _wanted(key, packed.device, n):
+        return None
+    key += (packed.device.type == "cpu" and n < PARALLEL_NUMEL,)
+    blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
+    out = _call(key, _level_decode_fn, blocks, levels.float())
+    return None if out is None else out.view(-1)
+
+
 def _constants(device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:
     """fp32 scalars as 0-dim tensors, made once: a Python float argument would be compiled in
     as a constant, so every activation's range would compile a kernel of its own."""
@@ -308,7 +345,8 @@ def _compile_graph(fn: Callable, args: tuple[torch.Tensor, ...], options: dict) 
         out = fn(*inputs)
         return (out,) if single else tuple(out)
 
-    examples = [_example(t) for t in args]
+    static = getattr(fn, "static_args", ())
+    examples = [torch.zeros_like(t) if i in static else _example(t) for i, t in enumerate(args)]
     graph = make_fx(as_tuple, decomposition_table=select_decomp_table(), tracing_mode="symbolic")(
         *examples
     )
@@ -562,4 +600,32 @@ def _range_decode_fn(bits: int, _device_type: str) -> Callable:
         codes = _unpack_planes(blocks.view(count, 1, byte_planes, length), bits, planes)
         return torch.stack([q * step + low for q in codes], dim=2)
 
+    return decode
+
+
+def _grid_encode_fn(bits: int, half: int, cells_per_unit: float, *_input_kind) -> Callable:
+    """The grid-lookup encode kernel (see ``encode_grid_fused``); the table is fixed-size."""
+    planes, byte_planes, length = _geometry(bits)
+
+    def encode(blocks: torch.Tensor, table: torch.Tensor):
+        count = blocks.shape[0]
+        cell = (blocks.float() * cells_per_unit).ceil().clamp(-half, half)
+        cell = torch.where(cell.isnan(), float(half), cell)
+        codes = table[(cell + half).long()].float().view(count, 1, planes, length)
+        return _pack_planes([codes[:, :, k] for k in range(planes)], bits, byte_planes)
+
+    encode.static_args = (1,)
+    return encode
+
+
+def _level_decode_fn(bits: int, _device_type: str) -> Callable:
+    """The level-lookup decode kernel: ``levels[code]``; the levels are fixed-size."""
+    planes, byte_planes, length = _geometry(bits)
+
+    def decode(blocks: torch.Tensor, levels: torch.Tensor):
+        count = blocks.shape[0]
+        codes = _unpack_planes(blocks.view(count, 1, byte_planes, length), bits, planes)
+        return torch.stack([levels[q.long()] for q in codes], dim=2)
+
+    decode.static_args = (1,)
     return decode
