@@ -268,7 +268,7 @@ def encode_derivative_unbiased(
     low, high = derivative_range(name, params)
     blocks = fused.encode_range_fused(slope, low, high, bits)  # the whole 64-element blocks
     done = 0 if blocks is None else slope.numel() - slope.numel() % BLOCK
-    if done == slope.numel():
+    if blocks is not None and done == slope.numel():
         return blocks
     top = 2**bits - 1
     scale = top / (high - low) if high > low else 0.0
@@ -284,7 +284,7 @@ def decode_derivative_unbiased(
     low, high = derivative_range(name, params)
     blocks = fused.decode_range_fused(packed, n, low, high, bits)
     done = 0 if blocks is None else blocks.numel()
-    if done == n:
+    if blocks is not None and done == n:
         return blocks
     step = (high - low) / (2**bits - 1)
     # The packed tail starts on a byte: blocks of 64 codes fill whole bytes.
@@ -321,7 +321,7 @@ def encode_derivative(
     half = GRID_HALF_CELLS
     blocks = fused.encode_grid_fused(x, table, half, GRID_CELLS_PER_UNIT, bits)
     done = 0 if blocks is None else x.numel() - x.numel() % BLOCK
-    if done == x.numel():
+    if blocks is not None and done == x.numel():
         return blocks
     flat = x.reshape(-1)[done:]
     scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
@@ -348,7 +348,7 @@ def decode_derivative(
     _, levels = _table_on(name, bits, params, packed.device)
     blocks = fused.decode_levels_fused(packed, n, levels, bits)
     done = 0 if blocks is None else blocks.numel()
-    if done == n:
+    if blocks is not None and done == n:
         return blocks
     rest = levels[unpack_codes(packed[done * bits // 8 :], bits, n - done)]
     return rest if blocks is None else torch.cat([blocks, rest])
