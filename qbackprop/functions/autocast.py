@@ -81,11 +81,20 @@ def autocast_disabled(device_type: str) -> Iterator[None]:
     run with autocast off so that no kernel inside (convolution, mm, compression arithmetic) is
     cast a second time, whatever autocast state ``backward()`` is called in.
     """
-    if not torch.amp.is_autocast_available(device_type):
+    if not _autocast_on(device_type):  # nothing to turn off (entering it costs ~30 us)
         yield
         return
     with torch.autocast(device_type, enabled=False):
         yield
+
+
+def _autocast_on(device_type: str) -> bool:
+    if not torch.amp.is_autocast_available(device_type):
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument; assume on, as before
+        return True
 
 
 def refuse_create_graph(backward: Callable) -> Callable:
