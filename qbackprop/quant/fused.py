@@ -1,4 +1,4 @@
-"""Fused compress / decompress: one compiled kernel each (torch.compile), eager fallback.
+"""Fused compress / decompress: one compiled kernel each (Inductor), eager fallback.
 
 ``compress`` reads each bucket once: its min/max (or abs-max), the scale, the rounding (random
 bits included) and the packing into the planar byte layout of ``packing.py`` run in a single
@@ -7,6 +7,8 @@ more. Nearest codes equal the eager (Brevitas) codes bit for bit: the same fp32 
 the same order. Stochastic rounding is ``floor(u + r)`` with 16 random bits ``r`` per element
 from a counter-based hash of the element's position and one seed per call, so it is unbiased
 (each ``r`` is uniform over the seeds) and reproducible from a generator (one draw per call).
+The activations' derivative codes (``functions/fewbit.py``) have kernels here too. Each kernel
+is traced once to a shape-polymorphic graph and called without Dynamo (``_compile_graph``).
 
 Handled: flat bucket layout with buckets of whole 64-element blocks (bucket 64, 128, ..., 512
 whenever the tensor's size allows), one width of 1..8 bits, minmax or absmax scale, any float
