@@ -303,8 +303,7 @@ def _call(key: tuple, factory: Callable[..., Callable], *args: torch.Tensor):
         if fn is None:
             name = "qbackprop_" + "_".join(map(str, key))
             fn = _cache[key] = _compile(factory(*key[1:-1]), name, key[-1], args)
-        with torch.no_grad():
-            return fn(*args)
+        return fn(*args)
     except Exception as err:  # no C++ compiler, no Triton, ...: fall back for good
         _state["broken"] = True
         warnings.warn(
@@ -392,7 +391,8 @@ def _compile_dynamo(fn: Callable, name: str, options: dict) -> Callable:
             for t in inputs:
                 for dim in range(min(t.dim(), 2)):
                     torch._dynamo.maybe_mark_dynamic(t, dim)
-        return compiled(*inputs)
+        with torch.no_grad():  # (the graph path records no autograd graph to begin with)
+            return compiled(*inputs)
 
     run._torchdynamo_orig_callable = fresh  # (for tests that count recompilations)
     return run
