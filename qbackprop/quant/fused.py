@@ -87,18 +87,21 @@ def is_enabled() -> bool | None:
     return _state["mode"]
 
 
-def _wanted(key: tuple, device: torch.device, numel: int) -> bool:
-    """Whether this call should run compiled (and compile the configuration if needed)."""
+def _kernel_key(config: tuple, device: torch.device, numel: int) -> tuple | None:
+    """The kernel to run this call with, ``(*config, device type, serial)``, or None when the
+    call should stay eager (see ``set_enabled``); ``config[1:]`` are the factory's arguments."""
+    key = (*config, device.type)
     mode = _state["mode"]
     if mode is False or _state["broken"] or torch.compiler.is_compiling():
-        return False
-    if mode:
-        return True
-    if device.type not in ("cpu", "cuda"):  # not measured elsewhere: opt in with set_enabled
-        return False
-    seen = _eager_elements.get(key, 0) + numel
-    _eager_elements[key] = seen
-    return seen >= AUTO_ELEMENTS
+        return None
+    if mode is None:
+        if device.type not in ("cpu", "cuda"):  # not measured elsewhere: set_enabled(True)
+            return None
+        seen = _eager_elements.get(key, 0) + numel
+        _eager_elements[key] = seen
+        if seen < AUTO_ELEMENTS:
+            return None
+    return (*key, device.type == "cpu" and numel < PARALLEL_NUMEL)
 
 
 def _fits(numel: int, layout: Buckets) -> bool:
@@ -126,13 +129,14 @@ def compress_fused(
     ):
         return None
     stochastic = spec.rounding == Rounding.STOCHASTIC
-    key = ("compress", spec.bits, spec.scale.value, stochastic, x.dtype, x.device.type)
-    if not _wanted(key, x.device, x.numel()):
+    key = _kernel_key(
+        ("compress", spec.bits, spec.scale.value, stochastic, x.dtype), x.device, x.numel()
+    )
+    if key is None:
         return None
     flat = flat_view(x, layout).contiguous()  # a strided view would need another kernel
     seed = _seed(generator, x.device) if stochastic else _zero_seed(x.device)
     pad = layout.padded_numel - flat.numel()
-    key += (x.device.type == "cpu" and x.numel() < PARALLEL_NUMEL,)
     if not pad:
         return _encode(key, flat.view(layout.num_buckets, -1, BLOCK), seed)
     # The last bucket is short: copy the last two buckets and pad (two, not one, so that the
@@ -164,10 +168,9 @@ def decompress_fused(ct: CompressedTensor) -> torch.Tensor | None:
         or not _fits(ct.numel(), layout)
     ):
         return None
-    key = ("decompress", bits, ct.spec.scale.value, ct.dtype, ct.device.type)
-    if not _wanted(key, ct.device, ct.numel()):
+    key = _kernel_key(("decompress", bits, ct.spec.scale.value, ct.dtype), ct.device, ct.numel())
+    if key is None:
         return None
-    key += (ct.device.type == "cpu" and ct.numel() < PARALLEL_NUMEL,)
     packed = ct.packed[0].view(layout.num_buckets, layout.bucket_len // BLOCK, -1)
     out = _call(key, _decompress_fn, packed, *ct.meta)
     if out is None:
@@ -194,10 +197,9 @@ def encode_range_fused(
     n = values.numel() - values.numel() % BLOCK
     if bits > 8 or values.dtype not in _FLOAT_DTYPES or not MIN_NUMEL <= n < _MAX_NUMEL:
         return None
-    key = ("range_encode", bits, values.dtype, values.device.type)
-    if not _wanted(key, values.device, n):
+    key = _kernel_key(("range_encode", bits, values.dtype), values.device, n)
+    if key is None:
         return None
-    key += (values.device.type == "cpu" and n < PARALLEL_NUMEL,)
     top = 2**bits - 1
     scale = top / (high - low) if high > low else 0.0
     blocks = values.reshape(-1)[:n].view(-1, BLOCK)
@@ -214,10 +216,9 @@ def decode_range_fused(
     n -= n % BLOCK
     if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
         return None
-    key = ("range_decode", bits, packed.device.type)
-    if not _wanted(key, packed.device, n):
+    key = _kernel_key(("range_decode", bits), packed.device, n)
+    if key is None:
         return None
-    key += (packed.device.type == "cpu" and n < PARALLEL_NUMEL,)
     step = (high - low) / (2**bits - 1)
     blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
     out = _call(key, _range_decode_fn, blocks, *_constants(packed.device, low, step))
@@ -236,10 +237,9 @@ def encode_grid_fused(
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     if bits > 8 or x.dtype not in dtypes or not MIN_NUMEL <= n < _MAX_NUMEL:
         return None
-    key = ("grid_encode", bits, half, float(cells_per_unit), x.dtype, x.device.type)
-    if not _wanted(key, x.device, n):
+    key = _kernel_key(("grid_encode", bits, half, float(cells_per_unit), x.dtype), x.device, n)
+    if key is None:
         return None
-    key += (x.device.type == "cpu" and n < PARALLEL_NUMEL,)
     out = _call(key, _grid_encode_fn, x.reshape(-1)[:n].view(-1, BLOCK), table)
     return None if out is None else out.view(-1)
 
@@ -251,10 +251,9 @@ def decode_levels_fused(
     n -= n % BLOCK
     if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
         return None
-    key = ("level_decode", bits, packed.device.type)
-    if not _wanted(key, packed.device, n):
+    key = _kernel_key(("level_decode", bits), packed.device, n)
+    if key is None:
         return None
-    key += (packed.device.type == "cpu" and n < PARALLEL_NUMEL,)
     blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
     out = _call(key, _level_decode_fn, blocks, levels.float())
     return None if out is None else out.view(-1)
