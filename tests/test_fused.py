@@ -289,6 +289,22 @@ def test_compiled_shapes_do_not_recompile(monkeypatch):
 
 
 @needs_compiler
+def test_dynamo_route_when_the_graph_route_fails(monkeypatch):
+    def unavailable(fn, args, options):
+        raise RuntimeError("internals of another torch release")
+
+    monkeypatch.setattr(fused, "_compile_graph", unavailable)
+    monkeypatch.setattr(fused, "_cache", {})
+    monkeypatch.setitem(fused._state, "broken", False)
+    spec = QuantSpec(bits=2, rounding="nearest")
+    for rows in (64, 100):
+        x = torch.randn(rows, 1024)
+        fast, slow = compress_both(x, spec)
+        assert_same_bytes(fast, slow)
+    assert "another torch release" in fused._state.pop("graph_error")
+
+
+@needs_compiler
 @pytest.mark.parametrize("shape", [(64, 512), (5, 7160)])
 def test_compiled_stochastic_is_unbiased_and_reproducible(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))

@@ -335,11 +335,13 @@ def _compile_graph(fn: Callable, args: tuple[torch.Tensor, ...], options: dict) 
     inputs whose dynamic sizes are distinct and above 1 (5 and 3), so that no size is
     specialized and no two sizes are merged; the kernels are shape-polymorphic by design.
     """
+    from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    single = not isinstance(fn(*args), tuple)  # (also checks that fn runs eagerly)
+    with torch.no_grad():
+        single = not isinstance(fn(*args), tuple)  # (also checks that fn runs eagerly)
 
     def as_tuple(*inputs):
         out = fn(*inputs)
@@ -351,8 +353,6 @@ def _compile_graph(fn: Callable, args: tuple[torch.Tensor, ...], options: dict) 
         *examples
     )
     fakes = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
-    from torch._inductor import config
-
     with config.patch(options):
         compiled = compile_fx_inner(graph, fakes)
 
@@ -380,20 +380,21 @@ def _compile_dynamo(fn: Callable, name: str, options: dict) -> Callable:
     code = fn.__code__.replace(co_name=name, co_qualname=name)
     fresh = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
     compiled = torch.compile(fresh, fullgraph=True, options=options)
-    first = [True]
+    calls = 0
 
     def run(*inputs: torch.Tensor):
+        nonlocal calls
         inputs = tuple(_plain(t) for t in inputs)
-        if first.pop() if first else False:
+        if not calls:
             # Bucket and block counts vary with the shape: compile them as symbols, so that
             # new shapes reuse the kernel instead of recompiling.
             for t in inputs:
                 for dim in range(min(t.dim(), 2)):
                     torch._dynamo.maybe_mark_dynamic(t, dim)
+        calls += 1
         with torch.no_grad():  # (the graph path records no autograd graph to begin with)
             return compiled(*inputs)
 
-    run._torchdynamo_orig_callable = fresh  # (for tests that count recompilations)
     return run
 
 
