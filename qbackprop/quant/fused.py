@@ -213,14 +213,11 @@ def decode_range_fused(
 ) -> torch.Tensor | None:
     """fp32 levels of the first ``n - n % 64`` codes that ``encode_range_fused`` packed (the
     inverse map, ``low + code * step``); None: use the eager path."""
-    n -= n % BLOCK
-    if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
+    found = _packed_blocks("range_decode", packed, n, bits)
+    if found is None:
         return None
-    key = _kernel_key(("range_decode", bits), packed.device, n)
-    if key is None:
-        return None
+    key, blocks = found
     step = (high - low) / (2**bits - 1)
-    blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
     out = _call(key, _range_decode_fn, blocks, *_constants(packed.device, low, step))
     return None if out is None else out.view(-1)
 
@@ -248,15 +245,24 @@ def decode_levels_fused(
     packed: torch.Tensor, n: int, levels: torch.Tensor, bits: int
 ) -> torch.Tensor | None:
     """``levels[code]`` (fp32) of the first ``n - n % 64`` packed codes; None: eager."""
+    found = _packed_blocks("level_decode", packed, n, bits)
+    if found is None:
+        return None
+    key, blocks = found
+    out = _call(key, _level_decode_fn, blocks, levels.float())
+    return None if out is None else out.view(-1)
+
+
+def _packed_blocks(kind: str, packed: torch.Tensor, n: int, bits: int):
+    """``(kernel key, (blocks, bytes per block) view)`` of the whole 64-code blocks among the
+    first ``n`` packed codes, or None when they stay eager."""
     n -= n % BLOCK
     if bits > 8 or not MIN_NUMEL <= n < _MAX_NUMEL:
         return None
-    key = _kernel_key(("level_decode", bits), packed.device, n)
+    key = _kernel_key((kind, bits), packed.device, n)
     if key is None:
         return None
-    blocks = packed[: n * bits // 8].view(n // BLOCK, -1)
-    out = _call(key, _level_decode_fn, blocks, levels.float())
-    return None if out is None else out.view(-1)
+    return key, packed[: n * bits // 8].view(n // BLOCK, -1)
 
 
 def _constants(device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:
