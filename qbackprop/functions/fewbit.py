@@ -266,15 +266,15 @@ def encode_derivative_unbiased(
         A uint8 tensor of ``ceil(slope.numel() * bits / 8)`` bytes.
     """
     low, high = derivative_range(name, params)
-    blocks = fused.encode_range_fused(slope, low, high, bits)  # the whole 64-element blocks
-    done = 0 if blocks is None else slope.numel() - slope.numel() % BLOCK
-    if blocks is not None and done == slope.numel():
-        return blocks
     top = 2**bits - 1
     scale = top / (high - low) if high > low else 0.0
-    u = (slope.reshape(-1)[done:].float() - low).mul_(scale).clamp_(0, top)
-    rest = pack_codes(stochastic_round(u, top), bits)
-    return rest if blocks is None else torch.cat([blocks, rest])
+
+    def eager(start: int) -> torch.Tensor:
+        u = (slope.reshape(-1)[start:].float() - low).mul_(scale).clamp_(0, top)
+        return pack_codes(stochastic_round(u, top), bits)
+
+    blocks = fused.encode_range_fused(slope, low, high, bits)
+    return _blocks_then_eager(blocks, slope.numel(), eager)
 
 
 def decode_derivative_unbiased(
@@ -282,15 +282,26 @@ def decode_derivative_unbiased(
 ) -> torch.Tensor:
     """The derivative level of each of ``n`` packed unbiased codes, as 1-D float32."""
     low, high = derivative_range(name, params)
-    blocks = fused.decode_range_fused(packed, n, low, high, bits)
-    done = 0 if blocks is None else blocks.numel()
-    if blocks is not None and done == n:
-        return blocks
     step = (high - low) / (2**bits - 1)
-    # The packed tail starts on a byte: blocks of 64 codes fill whole bytes.
-    rest = unpack_codes(packed[done * bits // 8 :], bits, n - done, torch.float32)
-    rest = rest.mul_(step).add_(low)
-    return rest if blocks is None else torch.cat([blocks, rest])
+
+    def eager(start: int) -> torch.Tensor:
+        # (start is a whole number of 64-code blocks, which fill whole bytes)
+        codes = unpack_codes(packed[start * bits // 8 :], bits, n - start, torch.float32)
+        return codes.mul_(step).add_(low)
+
+    return _blocks_then_eager(fused.decode_range_fused(packed, n, low, high, bits), n, eager)
+
+
+def _blocks_then_eager(
+    blocks: torch.Tensor | None, total: int, eager: Callable[[int], torch.Tensor]
+) -> torch.Tensor:
+    """A fused kernel's output for the whole 64-element blocks of ``total`` elements (None:
+    it did not run), followed by ``eager(start)``: the eager path's for elements from
+    ``start`` on (packed codes of the tail, or its decoded values)."""
+    if blocks is None:
+        return eager(0)
+    done = total - total % BLOCK
+    return blocks if done == total else torch.cat([blocks, eager(done)])
 
 
 @functools.lru_cache(maxsize=256)
@@ -319,16 +330,16 @@ def encode_derivative(
     # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
     table = _grid_codes_on(name, bits, params, x.device)
     half = GRID_HALF_CELLS
+
+    def eager(start: int) -> torch.Tensor:
+        flat = x.reshape(-1)[start:]
+        scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
+        cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
+        cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
+        return pack_codes(table[cell.to(torch.int32).add_(half)], bits)
+
     blocks = fused.encode_grid_fused(x, table, half, GRID_CELLS_PER_UNIT, bits)
-    done = 0 if blocks is None else x.numel() - x.numel() % BLOCK
-    if blocks is not None and done == x.numel():
-        return blocks
-    flat = x.reshape(-1)[done:]
-    scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
-    cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
-    cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
-    rest = pack_codes(table[cell.to(torch.int32).add_(half)], bits)
-    return rest if blocks is None else torch.cat([blocks, rest])
+    return _blocks_then_eager(blocks, x.numel(), eager)
 
 
 @functools.lru_cache(maxsize=256)
@@ -346,9 +357,8 @@ def decode_derivative(
 ) -> torch.Tensor:
     """The approximate derivative ``levels[code]`` of ``n`` packed codes, as 1-D float32."""
     _, levels = _table_on(name, bits, params, packed.device)
-    blocks = fused.decode_levels_fused(packed, n, levels, bits)
-    done = 0 if blocks is None else blocks.numel()
-    if blocks is not None and done == n:
-        return blocks
-    rest = levels[unpack_codes(packed[done * bits // 8 :], bits, n - done)]
-    return rest if blocks is None else torch.cat([blocks, rest])
+
+    def eager(start: int) -> torch.Tensor:
+        return levels[unpack_codes(packed[start * bits // 8 :], bits, n - start)]
+
+    return _blocks_then_eager(fused.decode_levels_fused(packed, n, levels, bits), n, eager)
