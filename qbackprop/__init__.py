@@ -1,6 +1,7 @@
 """qbackprop: train with the activations autograd saves stored as packed low-bit codes."""
 
 from .config import QuantConfig, load_config
+from .fidelity import FidelityReport, measure_fidelity
 from .memory import LayerMemory, MemoryReport, measure_saved_activations
 from .quant import CompressedTensor, QuantSpec, compress
 from .surgery import conversion_report, convert_model, revert_model
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressedTensor",
+    "FidelityReport",
     "LayerMemory",
     "MemoryReport",
     "QuantConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "conversion_report",
     "convert_model",
     "load_config",
+    "measure_fidelity",
     "measure_saved_activations",
     "revert_model",
 ]

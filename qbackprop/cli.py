@@ -19,6 +19,8 @@ EPILOG = """commands:
   convert   build the model of a config, apply its quant rules, print the per-layer plan
             and the measured saved-activation memory (fp32 vs converted)
   memory    the per-block memory table (stem, blocks.N, head, classifier), optional PNG
+  fidelity  how much gradient noise the compression adds vs fp32 SGD noise (after a short
+            fp32 warm-up on the config's data), total and per family / block / layer
   validate  check a config and its model without running anything heavy
   train     train a model (dataset, schedule, AMP, seeds from the train: section)
   sweep     bit-width / rounding / bucket / mix sweeps and the layer-sensitivity study
@@ -28,6 +30,7 @@ examples:
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --batch-size 64
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --json > plan.json
   qbackprop memory configs/efficientnetv2_cifar10_2bit.yaml --plot memory.png
+  qbackprop fidelity configs/digits_demo.yaml --by block --plot fidelity.png
   qbackprop validate configs/per_layer_example.yaml
   qbackprop train configs/digits_demo.yaml --out runs/demo train.epochs=3
   qbackprop sweep configs/digits_demo.yaml --bits 2,4,32 --seeds 3 --out runs/sweep
@@ -106,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file")
     p.set_defaults(func=cmd_validate)
 
+    from .fidelity_cli import add_fidelity_parser
     from .train.cli_commands import add_train_parsers
 
+    add_fidelity_parser(sub)
     add_train_parsers(sub)
     return parser
 

@@ -151,6 +151,9 @@ class _Recorder:
 
 def _run(model: nn.Module, inputs: Any) -> _Recorder:
     recorder = _Recorder(model)
+    # The caller holds its inputs whatever autograd keeps: a saved reference costs no bytes.
+    given = inputs if isinstance(inputs, tuple) else (inputs,)
+    recorder.keep |= {t.untyped_storage().data_ptr() for t in given if torch.is_tensor(t)}
     with recorder.attached(model):
         out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     del out  # releases the graph and everything it saved

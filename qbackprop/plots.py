@@ -1,11 +1,16 @@
-"""PNG plots (matplotlib, headless): memory per block; training curves come with train."""
+"""PNG plots (matplotlib, headless): memory and gradient fidelity per block; runs: train."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .memory import LayerMemory
+
+if TYPE_CHECKING:
+    from .fidelity import FidelityReport
 
 MiB = 2**20
 
@@ -34,6 +39,45 @@ def memory_bar_chart(rows: Sequence[LayerMemory], path: str | Path, title: str =
     total_fp32, total_conv = sum(fp32), sum(conv)
     ratio = total_fp32 / total_conv if total_conv else float("inf")
     ax.set_title(title or f"{total_fp32:.1f} MiB -> {total_conv:.2f} MiB ({ratio:.1f}x)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fidelity_bar_chart(report: FidelityReport, path: str | Path, title: str = "") -> Path:
+    """Bars of each group's gradient-noise ratio (log scale), lines at 1x and the total.
+
+    Args:
+        report: what ``measure_fidelity`` returned.
+        path: the PNG to write.
+        title: the figure title (default: the total ratio).
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    names = [g.name for g in report.groups]
+    ratios = [g.ratio for g in report.groups]
+    positive = [r for r in [*ratios, report.ratio] if r > 0 and math.isfinite(r)]
+    floor = min([*positive, 1.0]) / 10
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    pos = list(range(len(names)))
+    ax.bar(pos, [r if r > 0 and math.isfinite(r) else 0.0 for r in ratios], color="C0")
+    for p, r in zip(pos, ratios, strict=True):
+        if not r > 0:  # log scale: a group that adds no noise gets a label instead of a bar
+            ax.text(p, floor * 1.2, "0" if r == 0 else "n/a", ha="center", va="bottom")
+    ax.axhline(1.0, color="C3", linestyle="--", label="fp32 SGD noise (1x)")
+    if report.ratio > 0 and math.isfinite(report.ratio):
+        ax.axhline(report.ratio, color="C1", label=f"all compressed ({report.ratio:.2g}x)")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, max(ax.get_ylim()[1], 2.0))  # the 1x line always shows
+    ax.set_xticks(pos, names, rotation=60, ha="right")
+    ax.set_ylabel(f"gradient noise / SGD noise ({report.by} alone)")
+    ax.set_title(title or f"compression adds {report.ratio:.2g}x the SGD noise")
     ax.legend()
     fig.tight_layout()
     path = Path(path)

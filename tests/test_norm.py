@@ -98,12 +98,26 @@ def test_stochastic_weight_grad_is_unbiased():
     assert mean_err < single / 4  # error of the mean shrinks like 1/sqrt(draws): ~ single / 8
 
 
+class _Double(nn.Module):
+    def forward(self, x):
+        return x * 2  # the BatchNorm input is then an activation, not the caller's tensor
+
+
 def test_saves_compressed_xhat_not_input():
-    ref, conv = _pair(nn.BatchNorm2d, {"default": {"bits": 2}, "fallback": False})
+    bn = nn.BatchNorm2d(6)
+    model = qb.convert_model(nn.Sequential(_Double(), bn), {"default": {"bits": 2}, "fallback": False})
     x = torch.randn(32, 6, 16, 16, requires_grad=True)
+    report = qb.measure_saved_activations(model, x)
+    assert report.fp32_bytes == x.numel() * 4  # torch keeps the BN input; x itself is the caller's
+    # x̂ kept at 2·b = 4 bits (normalized_spec), buckets of 512: 32 / (4 + 48/512) = 7.8x.
+    assert 7.6 < report.ratio < 7.9
+
+
+def test_caller_input_is_not_counted():
+    conv = qb.convert_model(nn.Conv2d(3, 4, 3), {"default": {"bits": 2}})
+    x = torch.randn(2, 3, 8, 8)  # data: kept by reference, the caller holds it anyway
     report = qb.measure_saved_activations(conv, x)
-    assert report.fp32_bytes >= x.numel() * 4
-    assert report.ratio > 14
+    assert report.fp32_bytes == 0 and report.stored_bytes == 0
 
 
 def test_channels_last_and_bf16():

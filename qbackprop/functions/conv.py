@@ -134,6 +134,14 @@ def _string_padding(
     return input, left
 
 
+def is_data(x: torch.Tensor) -> bool:
+    """A tensor with no autograd history that needs no gradient is data (the model's input
+    batch), not an activation: the caller holds it anyway, so keeping a reference costs no
+    bytes, where a compressed copy would add bytes and error. The stem conv's weight gradient,
+    whose input patches are strongly correlated, is among the most sensitive in a CNN."""
+    return x.grad_fn is None and not x.requires_grad
+
+
 def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -189,6 +197,8 @@ def _conv_with_saved(input, weight, bias, stride, padding, dilation, groups, spe
     stride = _ntuple(stride, nd, "stride")
     dilation = _ntuple(dilation, nd, "dilation")
     device_type = input.device.type
+    if is_data(input):
+        spec = None
     input, weight, bias = autocast_inputs(device_type, input, weight, bias)
     if isinstance(padding, str):
         input, padding = _string_padding(input, weight, padding, stride, dilation)

@@ -15,6 +15,29 @@ from ..quant import QuantSpec
 from .saved import load_saved, save_for_backward
 
 
+NORMALIZED_MAX_BITS = 8
+
+
+def normalized_spec(spec: QuantSpec | None) -> QuantSpec | None:
+    """The spec a normalization layer keeps its x̂ under: ``2·b`` bits, at most 8 (never fewer
+    than ``spec`` asks for).
+
+    Why x̂ needs more bits than other activations: the backward's per-channel reductions
+    ``mean(g·x̂)`` and ``mean(g)`` are small differences (the exact input gradient is
+    orthogonal to 1 and x̂), and an error δ in x̂ enters them as ``mean(g·δ)``, then returns as
+    ``x̂·mean(g·δ)`` at full size in the input gradient, along the very direction in which the
+    producing conv's weight gradient is largest (docs/design-notes.md, "Normalization layers").
+    """
+    if spec is None or not spec.enabled:
+        return spec
+    changes = {}
+    if spec.bits < NORMALIZED_MAX_BITS:
+        changes["bits"] = min(2 * spec.bits, NORMALIZED_MAX_BITS)
+    if spec.mix_bits is not None and spec.mix_bits < NORMALIZED_MAX_BITS:
+        changes["mix_bits"] = min(2 * spec.mix_bits, NORMALIZED_MAX_BITS)
+    return spec.replace(**changes) if changes else spec
+
+
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector shaped to broadcast over an (N, C, *spatial) tensor."""
     return t.view(1, -1, *([1] * (ndim - 2)))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..functions import shared
-from ..functions.norm import batch_norm
+from ..functions.norm import batch_norm, normalized_spec
 from .registry import QuantizedModule, register_swap
 
 
@@ -22,12 +22,13 @@ class _BatchNormMixin(QuantizedModule):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        spec, sources = self.qspec, None
+        spec, sources = normalized_spec(self.qspec), None
         if self.qshare and spec is not None and spec.enabled:
             sources = []
             if shared.feeds_converted(self):
                 # One copy serves BN and its consumer: see functions/shared.py.
-                spec = shared.widen(spec, shared.has_smooth_activation(self))
+                wide = shared.widen(self.qspec, shared.has_smooth_activation(self))
+                spec = wide if wide.bits > spec.bits else spec
         out = batch_norm(
             x,
             self.running_mean if track else None,

@@ -1,0 +1,45 @@
+"""Drop-in LayerNorm / timm LayerNorm2d / GroupNorm layers saving a compressed x̂."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import GroupNorm as TimmGroupNorm
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import LayerNorm2d as TimmLayerNorm2d
+from torch import nn
+
+from ..functions.layer_norm import group_norm, layer_norm
+from .registry import QuantizedModule, register_swap
+
+
+@register_swap(TimmLayerNorm, "norm")
+@register_swap(nn.LayerNorm, "norm")
+class QuantizedLayerNorm(QuantizedModule):
+    """LayerNorm over the trailing ``normalized_shape`` (torch's and timm's, whose forward is
+    the same ``F.layer_norm`` unless timm's optional fast-norm kernels are switched on)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, self.qspec
+        )
+
+
+@register_swap(TimmLayerNorm2d, "norm")
+class QuantizedLayerNorm2d(QuantizedModule):
+    """timm's LayerNorm2d: LayerNorm over the channels of an NCHW tensor (ConvNeXt stem and
+    downsampling). The permutes are views; x̂ is kept in the channels-last order it is
+    computed in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.qspec)
+        return x.permute(0, 3, 1, 2)
+
+
+@register_swap(TimmGroupNorm, "norm")
+@register_swap(nn.GroupNorm, "norm")
+class QuantizedGroupNorm(QuantizedModule):
+    """GroupNorm (torch's and timm's), any number of spatial dims."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.qspec)
