@@ -14,6 +14,7 @@ from .errors import ConfigError, QbackpropUserError
 
 EXIT_USAGE = 2
 MiB = 2**20
+FALLBACK_WARN_FRACTION = 0.5  # convert warns when the fallback saves more than this share
 
 EPILOG = """commands:
   convert   build the model of a config, apply its quant rules, print the per-layer plan
@@ -182,6 +183,14 @@ def cmd_convert(args) -> int:
 
     model_spec, model, x = _build_converted(args)
     report = measure_saved_activations(model, x)
+    if report.fallback_fraction > FALLBACK_WARN_FRACTION:
+        print(
+            f"warning: {100 * report.fallback_fraction:.0f}% of the fp32 saved bytes of "
+            f"{args.config} come from ops without a qbackprop drop-in; the generic fallback keeps "
+            "them at 8 bits or more, so memory and gradients are what it can do, not what the "
+            "config asks; check with `qbackprop fidelity`",
+            file=sys.stderr,
+        )
     memory_by_name = {r.name: r for r in report.rows}
     plan = conversion_report(model)
     if args.save:

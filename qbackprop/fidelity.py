@@ -266,7 +266,7 @@ def measure_fidelity(
     batches: Sequence[Batch],
     *,
     draws: int = 8,
-    by: str = "family",
+    by: str | None = "family",
     minibatch_batches: Sequence[Batch] | None = None,
     progress: bool = False,
 ) -> FidelityReport:
@@ -284,7 +284,8 @@ def measure_fidelity(
         cfg: a QuantConfig, a ``quant:`` dict, a YAML path or a preset name.
         batches: ``(images, labels)`` classification batches (cross-entropy loss).
         draws: stochastic draws K of the converted model's gradient.
-        by: ``family``, ``block`` (``blocks.3``, ``layer2.0``, ``conv_stem``) or ``layer``.
+        by: ``family``, ``block`` (``blocks.3``, ``layer2.0``, ``conv_stem``) or ``layer``;
+            None measures the total only (no groups).
         minibatch_batches: batches for the fp32 variance; default ``batches[1:]`` (all of
             ``batches`` when only two are given).
         progress: show a tqdm bar.
@@ -297,7 +298,7 @@ def measure_fidelity(
             ``draws`` < 1 or an unknown ``by``.
         ConfigError: ``cfg`` is invalid or its rules match no module of ``model``.
     """
-    if by not in GROUP_BY:
+    if by is not None and by not in GROUP_BY:
         raise ValueError(f"by={by!r} is not allowed; expected one of {', '.join(GROUP_BY)}")
     if draws < 1:
         raise ValueError(f"draws={draws} is not allowed; expected >= 1")
@@ -311,7 +312,7 @@ def measure_fidelity(
 
     total_model = _converted(model, cfg)
     rows = conversion_report(total_model)
-    jobs = _group_jobs(model, cfg, rows, by)
+    jobs = _group_jobs(model, cfg, rows, by) if by is not None else []
     group_draws = min(draws, MAX_GROUP_DRAWS)
     work = len(variance_batches) + 1 + (1 + draws) + len(jobs) * (1 + group_draws)
     with tqdm(total=work, desc="gradient fidelity", disable=not progress, leave=False) as bar:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .functions.fallback import add_observer, remove_observer
+from .layers.registry import QuantizedModule
 from .quant import CompressedTensor
 from .surgery import temporarily_unconverted
 
@@ -44,6 +45,13 @@ class MemoryReport:
     stored_bytes: int
     uncompressed_float_bytes: int
     rows: list[LayerMemory] = field(default_factory=list)
+    fallback_fp32_bytes: int = 0
+
+    @property
+    def fallback_fraction(self) -> float:
+        """Share of the fp32 saved bytes saved by ops outside qbackprop's drop-in layers (what
+        the generic fallback handles, at 8 bits or more: ``fallback.fallback_spec``)."""
+        return self.fallback_fp32_bytes / self.fp32_bytes if self.fp32_bytes else 0.0
 
     @property
     def ratio(self) -> float:
@@ -72,6 +80,7 @@ class MemoryReport:
             "converted_bytes": self.stored_bytes,
             "ratio": self.ratio,
             "compressed_fraction": self.compressed_fraction,
+            "fallback_fraction": self.fallback_fraction,
             "layers": [
                 {
                     "name": r.name,
@@ -220,7 +229,9 @@ def measure_saved_activations(
         )
         for name in names
     ]
+    converted = {name for name, m in model.named_modules() if isinstance(m, QuantizedModule)}
     return MemoryReport(
+        fallback_fp32_bytes=sum(b for name, b in base.bytes.items() if name not in converted),
         fp32_bytes=sum(base.bytes.values()),
         stored_bytes=sum(conv.bytes.values()),
         uncompressed_float_bytes=conv.uncompressed_float,

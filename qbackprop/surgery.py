@@ -15,7 +15,7 @@ from . import layers  # noqa: F401  (importing registers every drop-in layer)
 from .config import QuantConfig, as_quant_config
 from .errors import ConfigError
 from .functions import shared
-from .functions.fallback import FallbackScope
+from .functions.fallback import FallbackScope, fallback_spec
 from .layers.registry import QuantizedModule, Swap, find_swap
 from .quant import QuantSpec
 
@@ -164,7 +164,8 @@ def _set_fallback(model: nn.Module, cfg: QuantConfig | None) -> None:
         scope.remove()
         delattr(model, _SCOPE)
     if cfg is not None and cfg.fallback and cfg.default.enabled:
-        setattr(model, _SCOPE, FallbackScope(model, cfg.default, cfg.fallback_min_numel))
+        spec = fallback_spec(cfg.default)
+        setattr(model, _SCOPE, FallbackScope(model, spec, cfg.fallback_min_numel))
 
 
 def revert_model(model: nn.Module) -> nn.Module:

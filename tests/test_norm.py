@@ -105,7 +105,9 @@ class _Double(nn.Module):
 
 def test_saves_compressed_xhat_not_input():
     bn = nn.BatchNorm2d(6)
-    model = qb.convert_model(nn.Sequential(_Double(), bn), {"default": {"bits": 2}, "fallback": False})
+    model = qb.convert_model(
+        nn.Sequential(_Double(), bn), {"default": {"bits": 2}, "fallback": False}
+    )
     x = torch.randn(32, 6, 16, 16, requires_grad=True)
     report = qb.measure_saved_activations(model, x)
     assert report.fp32_bytes == x.numel() * 4  # torch keeps the BN input; x itself is the caller's

@@ -39,6 +39,22 @@ class _Packed:
         self.ct = ct
 
 
+FALLBACK_MIN_BITS = 8
+
+
+def fallback_spec(spec: QuantSpec) -> QuantSpec:
+    """What the fallback compresses with: ``spec`` at 8 bits or more, no two-bit mix.
+
+    The fallback does not know which op saved a tensor nor how its backward uses it (a
+    normalization's raw input, a division's denominator, a mask-like output), so it never goes
+    below 8 bits, where even ConvNeXt's LayerNorm inputs through the fallback stayed usable
+    once the norms had drop-ins (docs/design-notes.md, "Fallback").
+    """
+    if spec.bits >= FALLBACK_MIN_BITS and spec.mix_bits is None:
+        return spec
+    return spec.replace(bits=max(spec.bits, FALLBACK_MIN_BITS), mix_bits=None, mix_prob=None)
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     # The version counter makes an in-place update of the same storage a different entry.
     return (

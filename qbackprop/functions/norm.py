@@ -14,7 +14,6 @@ from torch.autograd.function import once_differentiable
 from ..quant import QuantSpec
 from .saved import load_saved, save_for_backward
 
-
 NORMALIZED_MAX_BITS = 8
 
 
