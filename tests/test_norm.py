@@ -110,7 +110,8 @@ def test_saves_compressed_xhat_not_input():
     )
     x = torch.randn(32, 6, 16, 16, requires_grad=True)
     report = qb.measure_saved_activations(model, x)
-    assert report.fp32_bytes == x.numel() * 4  # torch keeps the BN input; x itself is the caller's
+    # torch keeps the BN input (and per-channel statistics); x itself is the caller's
+    assert x.numel() * 4 <= report.fp32_bytes < x.numel() * 4 + 1024
     # x̂ kept at 2·b = 4 bits (normalized_spec), buckets of 512: 32 / (4 + 48/512) = 7.8x.
     assert 7.6 < report.ratio < 7.9
 

@@ -170,7 +170,9 @@ def test_fallback_compresses_unhandled_saves_and_dedups():
         warnings.simplefilter("ignore")
         qb.convert_model(model, cfg)
     report = qb.measure_saved_activations(model, x)
-    assert report.ratio > 8
+    # The fallback keeps 8 bits (fallback_spec): 32 / (8 + 48/512) = 3.95x if y is stored once
+    # (about 2x if it were stored twice), less the small per-row statistics kept exactly.
+    assert 3.5 < report.ratio < 4.0
     out = model(x)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

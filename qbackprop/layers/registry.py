@@ -36,7 +36,8 @@ class Swap:
     Args:
         source: the original module type.
         mixin: a ``QuantizedModule`` subclass overriding ``forward``.
-        family: ``conv | linear | batchnorm | activation | elementwise`` (for ``type:`` rules).
+        family: ``conv | linear | batchnorm | norm | activation | elementwise | pool`` (for
+            ``type:`` rules).
         check: optional ``module -> reason`` that returns why a module cannot be converted
             (e.g. an unsupported option), or None when it can.
     """
