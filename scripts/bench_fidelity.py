@@ -13,6 +13,7 @@ bias/noise = ||mean_k g_q - g||^2 / (E||g_q - g||^2 / K) is ~1 for an unbiased e
 
 Example:
     python scripts/bench_fidelity.py --train-steps 150 --draws 16 --families
+    python scripts/bench_fidelity.py --zoo --cache /tmp/zoo   # every model of the zoo
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import copy
 import csv
 import json
 import os
+import sys
 import time
 
 import torch
@@ -113,6 +115,12 @@ def measure(model, cfg, x, y, exact, draws: int, minibatch_var: float) -> dict:
 
 
 def main() -> None:
+    if "--zoo" in sys.argv:  # the zoo table: bench_zoo_fidelity.py takes the other options
+        import bench_zoo_fidelity
+
+        sys.argv.remove("--zoo")
+        bench_zoo_fidelity.main()
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -108,3 +109,35 @@ def test_fallback_fraction_is_zero_when_everything_has_a_drop_in():
     model = qb.convert_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU()), "2bit-stochastic")
     report = qb.measure_saved_activations(model, torch.randn(4, 64, requires_grad=True) * 1.0)
     assert report.fallback_fraction == 0.0
+
+
+def test_strided_1x1_conv_keeps_only_the_positions_it_reads():
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 16, 1, stride=2, bias=True)
+    conv = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 2}})
+    h = torch.randn(4, 8, 9, 9).relu().requires_grad_()  # odd size: positions 0, 2, .., 8
+    x = h * 1.0
+    report = qb.measure_saved_activations(conv, x)
+    kept = 4 * 8 * 5 * 5
+    # 2 bits x stride 2 x stride 2 = 8 bits on a quarter of the elements.
+    assert report.stored_bytes == pytest.approx(kept * (8 + 48 / 512) / 8, rel=0.05)
+    g = torch.randn(4, 16, 5, 5)
+    grads = []
+    for m in (ref, conv):
+        m.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        m(xi).backward(g)
+        grads.append((xi.grad, m.weight.grad, m.bias.grad))
+    (dx1, dw1, db1), (dx2, dw2, db2) = grads
+    assert torch.equal(dx1, dx2)  # the input gradient needs only the weight
+    assert torch.allclose(db1, db2, atol=1e-5)
+    assert ((dw2 - dw1).norm() / dw1.norm()) < 0.01  # 8-bit codes of the kept positions
+
+
+def test_strided_1x1_conv_is_exact_at_32_bits():
+    ref = nn.Conv2d(8, 16, 1, stride=2)
+    conv = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 32}})
+    x = torch.randn(2, 8, 8, 8)
+    for m in (ref, conv):
+        m(x.requires_grad_()).square().sum().backward()
+    assert torch.equal(ref.weight.grad, conv.weight.grad)
