@@ -40,12 +40,7 @@ def memory_bar_chart(rows: Sequence[LayerMemory], path: str | Path, title: str =
     ratio = total_fp32 / total_conv if total_conv else float("inf")
     ax.set_title(title or f"{total_fp32:.1f} MiB -> {total_conv:.2f} MiB ({ratio:.1f}x)")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fidelity_bar_chart(report: FidelityReport, path: str | Path, title: str = "") -> Path:
@@ -79,6 +74,10 @@ def fidelity_bar_chart(report: FidelityReport, path: str | Path, title: str = ""
     ax.set_ylabel(f"gradient noise / SGD noise ({report.by} alone)")
     ax.set_title(title or f"compression adds {report.ratio:.2g}x the SGD noise")
     ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
