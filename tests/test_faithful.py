@@ -141,3 +141,11 @@ def test_strided_1x1_conv_is_exact_at_32_bits():
     for m in (ref, conv):
         m(x.requires_grad_()).square().sum().backward()
     assert torch.equal(ref.weight.grad, conv.weight.grad)
+
+
+def test_print_shows_what_norms_and_strided_convs_keep():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.BatchNorm2d(8), nn.LayerNorm(3))
+    qb.convert_model(model, "2bit-stochastic")
+    text = repr(model)
+    assert "subsampled input at 8b" in text
+    assert text.count("x̂ at 4b") == 2

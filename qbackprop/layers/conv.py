@@ -11,7 +11,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..functions.conv import quantized_conv
+from ..functions.conv import quantized_conv, subsampled_spec
 from .registry import QuantizedModule, register_swap
 
 
@@ -65,6 +65,12 @@ class QuantizedConv(QuantizedModule):
     Same computation as ``_ConvNd._conv_forward``: a non-zeros ``padding_mode`` pads with
     ``F.pad`` first and convolves with zero padding; ``'same'`` / ``'valid'`` work as in torch.
     """
+
+    def saves(self) -> str:
+        strided = any(st > 1 for st in self.stride) and all(k == 1 for k in self.kernel_size)
+        if strided and not isinstance(self.padding, str) and not any(self.padding):
+            return f"subsampled input at {subsampled_spec(self.qspec, self.stride).bits}b"
+        return ""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = self.padding

@@ -9,12 +9,18 @@ from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from torch import nn
 
 from ..functions.layer_norm import group_norm, layer_norm
+from ..functions.norm import normalized_spec
 from .registry import QuantizedModule, register_swap
+
+
+class _NormSaves(QuantizedModule):
+    def saves(self) -> str:
+        return f"x̂ at {normalized_spec(self.qspec).bits}b"
 
 
 @register_swap(TimmLayerNorm, "norm")
 @register_swap(nn.LayerNorm, "norm")
-class QuantizedLayerNorm(QuantizedModule):
+class QuantizedLayerNorm(_NormSaves):
     """LayerNorm over the trailing ``normalized_shape`` (torch's and timm's, whose forward is
     the same ``F.layer_norm`` unless timm's optional fast-norm kernels are switched on)."""
 
@@ -25,7 +31,7 @@ class QuantizedLayerNorm(QuantizedModule):
 
 
 @register_swap(TimmLayerNorm2d, "norm")
-class QuantizedLayerNorm2d(QuantizedModule):
+class QuantizedLayerNorm2d(_NormSaves):
     """timm's LayerNorm2d: LayerNorm over the channels of an NCHW tensor (ConvNeXt stem and
     downsampling). The permutes are views; x̂ is kept in the channels-last order it is
     computed in."""
@@ -38,7 +44,7 @@ class QuantizedLayerNorm2d(QuantizedModule):
 
 @register_swap(TimmGroupNorm, "norm")
 @register_swap(nn.GroupNorm, "norm")
-class QuantizedGroupNorm(QuantizedModule):
+class QuantizedGroupNorm(_NormSaves):
     """GroupNorm (torch's and timm's), any number of spatial dims."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ from .registry import QuantizedModule, register_swap
 class _BatchNormMixin(QuantizedModule):
     """torch's ``_BatchNorm.forward`` logic (momentum, cumulative average, eval), our Function."""
 
+    def saves(self) -> str:
+        return f"x̂ at {normalized_spec(self.qspec).bits}b"
+
     def _qbackprop_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum

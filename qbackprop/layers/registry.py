@@ -23,9 +23,15 @@ class QuantizedModule:
     qspec: QuantSpec | None = None
     qshare: bool = False  # QuantConfig.share: a BatchNorm output may serve its consumer
 
+    def saves(self) -> str:
+        """What this layer keeps when it differs from ``qspec`` (e.g. x̂ at wider bits)."""
+        return ""
+
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         spec = self.qspec.short() if self.qspec is not None else "off"
+        note = self.saves() if self.qspec is not None and self.qspec.enabled else ""
+        spec = f"{spec} ({note})" if note else spec
         return f"{base}, qbackprop={spec}" if base else f"qbackprop={spec}"
 
 
