@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -129,15 +130,7 @@ def subsampled_spec(spec: QuantSpec, stride: Sequence[int]) -> QuantSpec:
     their output goes straight to a BatchNorm, so their exact gradient is small against any
     copy's noise.
     """
-    factor = 1
-    for st in stride:
-        factor *= st
-    changes = {}
-    if spec.bits < SUBSAMPLED_MAX_BITS:
-        changes["bits"] = min(spec.bits * factor, SUBSAMPLED_MAX_BITS)
-    if spec.mix_bits is not None and spec.mix_bits < SUBSAMPLED_MAX_BITS:
-        changes["mix_bits"] = min(spec.mix_bits * factor, SUBSAMPLED_MAX_BITS)
-    return spec.replace(**changes) if changes else spec
+    return shared.scaled_bits(spec, math.prod(stride), SUBSAMPLED_MAX_BITS)
 
 
 def _subsampled_backward(ctx, grad, x_sub, w, mask):

@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from .saved import load_saved, save_for_backward
+from .shared import scaled_bits
 
 NORMALIZED_MAX_BITS = 8
 
@@ -29,12 +30,7 @@ def normalized_spec(spec: QuantSpec | None) -> QuantSpec | None:
     """
     if spec is None or not spec.enabled:
         return spec
-    changes = {}
-    if spec.bits < NORMALIZED_MAX_BITS:
-        changes["bits"] = min(2 * spec.bits, NORMALIZED_MAX_BITS)
-    if spec.mix_bits is not None and spec.mix_bits < NORMALIZED_MAX_BITS:
-        changes["mix_bits"] = min(2 * spec.mix_bits, NORMALIZED_MAX_BITS)
-    return spec.replace(**changes) if changes else spec
+    return scaled_bits(spec, 2, NORMALIZED_MAX_BITS)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:

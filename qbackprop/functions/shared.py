@@ -146,6 +146,17 @@ def widen(spec: QuantSpec, smooth: bool = False) -> QuantSpec:
     return spec.replace(**changes) if changes else spec
 
 
+def scaled_bits(spec: QuantSpec, factor: int, cap: int) -> QuantSpec:
+    """``spec`` with ``bits`` (and ``mix_bits``) times ``factor``, at most ``cap``; widths
+    already at or above ``cap`` are left as they are."""
+    changes = {}
+    if spec.bits < cap:
+        changes["bits"] = min(spec.bits * factor, cap)
+    if spec.mix_bits is not None and spec.mix_bits < cap:
+        changes["mix_bits"] = min(spec.mix_bits * factor, cap)
+    return spec.replace(**changes) if changes else spec
+
+
 def code_bits(bits: int) -> int:
     """Derivative-code width of a smooth activation between a shared BatchNorm and its consumer."""
     return min(bits + bits // 2, 16)
