@@ -198,7 +198,8 @@ def is_data(x: torch.Tensor) -> bool:
     return x.grad_fn is None and not x.requires_grad
 
 
-def _records_grad(*tensors: torch.Tensor | None) -> bool:
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors`` (so a Function would save anything)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -236,7 +237,7 @@ def quantized_conv(
     nd = weight.dim() - 2
     if nd not in _PLAIN_CONV:
         raise ValueError(f"expected a 1-d, 2-d or 3-d conv weight, got shape {tuple(weight.shape)}")
-    if not _records_grad(input, weight, bias):
+    if not records_grad(input, weight, bias):
         # Nothing will be saved: torch's own op (and autocast dispatch) is the exact answer.
         return _PLAIN_CONV[nd](input, weight, bias, stride, padding, dilation, groups)
     return _conv_with_saved(input, weight, bias, stride, padding, dilation, groups, spec)

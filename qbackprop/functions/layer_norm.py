@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from .autocast import autocast_dtype, refuse_create_graph
+from .conv import records_grad
 from .norm import normalized_spec
 from .saved import load_saved, save_for_backward
 
@@ -140,10 +141,6 @@ def _param_dtype(weight, bias, x) -> torch.dtype:
     return next((t.dtype for t in (weight, bias) if t is not None), x.dtype)
 
 
-def _records(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _autocast_fp32(*tensors):
     # CUDA autocast runs layer_norm / group_norm in fp32 (its "fp32 ops" list), CPU autocast
     # leaves their dtype alone; a Function is invisible to autocast, so cast as it would.
@@ -163,7 +160,7 @@ def layer_norm(
     spec: QuantSpec | None,
 ) -> torch.Tensor:
     """Drop-in for ``F.layer_norm`` whose saved x̂ is compressed (at ``normalized_spec(spec)``)."""
-    if x.numel() == 0 or not _records(x, weight, bias):
+    if x.numel() == 0 or not records_grad(x, weight, bias):
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     x, weight, bias = _autocast_fp32(x, weight, bias)
     spec = normalized_spec(spec)
@@ -179,7 +176,7 @@ def group_norm(
     spec: QuantSpec | None,
 ) -> torch.Tensor:
     """Drop-in for ``F.group_norm`` whose saved x̂ is compressed (at ``normalized_spec(spec)``)."""
-    if x.numel() == 0 or x.dim() < 2 or not _records(x, weight, bias):
+    if x.numel() == 0 or x.dim() < 2 or not records_grad(x, weight, bias):
         return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     x, weight, bias = _autocast_fp32(x, weight, bias)
     spec = normalized_spec(spec)
