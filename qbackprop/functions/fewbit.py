@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quant import fused
-from ..quant.packing import BLOCK, pack_codes, unpack_codes
+from ..quant.packing import pack_codes, packed_numel, unpack_codes
 from ..quant.stochastic import stochastic_round
 
 # Standard deviation of the zero-mean normal weight the tables minimise the error under. Measured
@@ -248,6 +247,60 @@ def derivative_range(name: str, params: tuple[float, ...] = ()) -> tuple[float, 
     return float(values.min()), float(values.max())
 
 
+# The four code ops below are registered (``torch.library.custom_op`` with fake kernels): one
+# opaque call each for torch.compile, output sizes from the element count and width alone.
+
+
+@torch.library.custom_op("qbackprop::encode_derivative_unbiased", mutates_args=())
+def _encode_unbiased(slope: torch.Tensor, name: str, bits: int, params: list[float]) -> torch.Tensor:
+    low, high = derivative_range(name, tuple(params))
+    top = 2**bits - 1
+    scale = top / (high - low) if high > low else 0.0
+    u = (slope.reshape(-1).float() - low).mul_(scale).clamp_(0, top)
+    return pack_codes(stochastic_round(u, top), bits)
+
+
+@torch.library.custom_op("qbackprop::decode_derivative_unbiased", mutates_args=())
+def _decode_unbiased(
+    packed: torch.Tensor, n: int, name: str, bits: int, params: list[float]
+) -> torch.Tensor:
+    low, high = derivative_range(name, tuple(params))
+    step = (high - low) / (2**bits - 1)
+    return unpack_codes(packed, bits, n, torch.float32).mul_(step).add_(low)
+
+
+@torch.library.custom_op("qbackprop::encode_derivative", mutates_args=())
+def _encode(x: torch.Tensor, name: str, bits: int, params: list[float]) -> torch.Tensor:
+    # The boundaries lie on the grid of step 1/GRID_CELLS_PER_UNIT, so the interval of x is a
+    # table lookup at ceil(x * GRID_CELLS_PER_UNIT) (exact: a power-of-two scale), the same
+    # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
+    table = _grid_codes_on(name, bits, tuple(params), x.device)
+    half = GRID_HALF_CELLS
+    flat = x.reshape(-1)
+    scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
+    cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
+    cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
+    return pack_codes(table[cell.to(torch.int32).add_(half)], bits)
+
+
+@torch.library.custom_op("qbackprop::decode_derivative", mutates_args=())
+def _decode(packed: torch.Tensor, n: int, name: str, bits: int, params: list[float]) -> torch.Tensor:
+    _, levels = _table_on(name, bits, tuple(params), packed.device)
+    return levels[unpack_codes(packed, bits, n)]
+
+
+@_encode_unbiased.register_fake
+@_encode.register_fake
+def _(x, name, bits, params):
+    return x.new_empty(packed_numel(x.numel(), bits), dtype=torch.uint8)
+
+
+@_decode_unbiased.register_fake
+@_decode.register_fake
+def _(packed, n, name, bits, params):
+    return packed.new_empty(n, dtype=torch.float32)
+
+
 def encode_derivative_unbiased(
     slope: torch.Tensor, name: str, bits: int, params: tuple[float, ...] = ()
 ) -> torch.Tensor:
@@ -265,43 +318,16 @@ def encode_derivative_unbiased(
     Returns:
         A uint8 tensor of ``ceil(slope.numel() * bits / 8)`` bytes.
     """
-    low, high = derivative_range(name, params)
-    top = 2**bits - 1
-    scale = top / (high - low) if high > low else 0.0
-
-    def eager(start: int) -> torch.Tensor:
-        u = (slope.reshape(-1)[start:].float() - low).mul_(scale).clamp_(0, top)
-        return pack_codes(stochastic_round(u, top), bits)
-
-    blocks = fused.encode_range_fused(slope, low, high, bits)
-    return _blocks_then_eager(blocks, slope.numel(), eager)
+    _ready(name, bits, params, slope.device)
+    return torch.ops.qbackprop.encode_derivative_unbiased(slope, name, bits, list(params))
 
 
 def decode_derivative_unbiased(
     packed: torch.Tensor, n: int, name: str, bits: int, params: tuple[float, ...] = ()
 ) -> torch.Tensor:
     """The derivative level of each of ``n`` packed unbiased codes, as 1-D float32."""
-    low, high = derivative_range(name, params)
-    step = (high - low) / (2**bits - 1)
-
-    def eager(start: int) -> torch.Tensor:
-        # (start is a whole number of 64-code blocks, which fill whole bytes)
-        codes = unpack_codes(packed[start * bits // 8 :], bits, n - start, torch.float32)
-        return codes.mul_(step).add_(low)
-
-    return _blocks_then_eager(fused.decode_range_fused(packed, n, low, high, bits), n, eager)
-
-
-def _blocks_then_eager(
-    blocks: torch.Tensor | None, total: int, eager: Callable[[int], torch.Tensor]
-) -> torch.Tensor:
-    """A fused kernel's output for the whole 64-element blocks of ``total`` elements (None:
-    it did not run), followed by ``eager(start)``: the eager path's for elements from
-    ``start`` on (packed codes of the tail, or its decoded values)."""
-    if blocks is None:
-        return eager(0)
-    done = total - total % BLOCK
-    return blocks if done == total else torch.cat([blocks, eager(done)])
+    _ready(name, bits, params, packed.device)
+    return torch.ops.qbackprop.decode_derivative_unbiased(packed, n, name, bits, list(params))
 
 
 @functools.lru_cache(maxsize=256)
@@ -325,21 +351,8 @@ def encode_derivative(
     Returns:
         A uint8 tensor of ``ceil(x.numel() * bits / 8)`` bytes.
     """
-    # The boundaries lie on the grid of step 1/GRID_CELLS_PER_UNIT, so the interval of x is a
-    # table lookup at ceil(x * GRID_CELLS_PER_UNIT) (exact: a power-of-two scale), the same
-    # code torch.bucketize gives, without its per-element binary search (5-10x slower on CPU).
-    table = _grid_codes_on(name, bits, params, x.device)
-    half = GRID_HALF_CELLS
-
-    def eager(start: int) -> torch.Tensor:
-        flat = x.reshape(-1)[start:]
-        scaled = flat.double() if flat.dtype == torch.float64 else flat.float()
-        cell = (scaled * GRID_CELLS_PER_UNIT).ceil_().clamp_(-half, half)
-        cell.nan_to_num_(nan=half)  # NaN takes the top interval, as bucketize gives it
-        return pack_codes(table[cell.to(torch.int32).add_(half)], bits)
-
-    blocks = fused.encode_grid_fused(x, table, half, GRID_CELLS_PER_UNIT, bits)
-    return _blocks_then_eager(blocks, x.numel(), eager)
+    _ready(name, bits, params, x.device)
+    return torch.ops.qbackprop.encode_derivative(x, name, bits, list(params))
 
 
 @functools.lru_cache(maxsize=256)
@@ -356,9 +369,22 @@ def decode_derivative(
     packed: torch.Tensor, n: int, name: str, bits: int, params: tuple[float, ...] = ()
 ) -> torch.Tensor:
     """The approximate derivative ``levels[code]`` of ``n`` packed codes, as 1-D float32."""
-    _, levels = _table_on(name, bits, params, packed.device)
+    _ready(name, bits, params, packed.device)
+    return torch.ops.qbackprop.decode_derivative(packed, n, name, bits, list(params))
 
-    def eager(start: int) -> torch.Tensor:
-        return levels[unpack_codes(packed[start * bits // 8 :], bits, n - start)]
 
-    return _blocks_then_eager(fused.decode_levels_fused(packed, n, levels, bits), n, eager)
+def _ready(name: str, bits: int, params: tuple[float, ...], device: torch.device) -> None:
+    # The tables are built by autograd in float64, which cannot run inside an op's kernel
+    # (below the autograd key): build them here, before the call. Under torch.compile the
+    # conversion already built them (``prepare``) and this is skipped, not traced.
+    if not torch.compiler.is_compiling():
+        prepare(name, bits, tuple(params), device)
+
+
+def prepare(name: str, bits: int, params: tuple[float, ...], device: torch.device) -> None:
+    """Build the tables of one activation and width on ``device`` now (at conversion), so
+    that no training step pays the search or its host reads."""
+    derivative_range(name, params)
+    derivative_table(name, bits, params)
+    _table_on(name, bits, params, device)
+    _grid_codes_on(name, bits, params, device)

@@ -39,28 +39,49 @@ class Buckets:
         return self.num_buckets * self.bucket_len
 
 
-def _memory_order(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """Dims sorted outermost-first by stride, and the strides if ``x`` is dense (no gaps)."""
-    if x.is_contiguous():  # the common case, without the sort
-        return tuple(range(x.dim())), tuple(x.stride())
-    perm = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
-    permuted = x.permute(perm)
-    if permuted.is_contiguous():
-        return perm, tuple(x.stride())
-    return tuple(range(x.dim())), None
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
-def plan_buckets(x: torch.Tensor, spec: QuantSpec) -> Buckets:
-    """Choose the layout of ``x`` for ``spec``; cheap, shape arithmetic only."""
-    perm, stride = _memory_order(x)
-    channel = spec.bucket_layout == BucketLayout.CHANNEL and x.dim() >= 2 and x.shape[1] > 0
-    rows = x.shape[1] if channel else 1
-    row_len = x.numel() // rows if rows else 0
+def _memory_order(
+    shape: tuple[int, ...], stride: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Dims sorted outermost-first by stride, and the strides if dense (no gaps, no overlap).
+
+    Shape arithmetic only, so compression ops can plan a layout from ``(shape, stride)``
+    alone (their fake kernels see no data)."""
+    if _is_contiguous(shape, stride):  # the common case, without the sort
+        return tuple(range(len(shape))), stride
+    perm = tuple(sorted(range(len(shape)), key=lambda d: (-stride[d], d)))
+    permuted = tuple(shape[d] for d in perm), tuple(stride[d] for d in perm)
+    if _is_contiguous(*permuted):
+        return perm, stride
+    return tuple(range(len(shape))), None
+
+
+def plan_layout(shape: tuple[int, ...], stride: tuple[int, ...], spec: QuantSpec) -> Buckets:
+    """The bucket layout of a tensor of ``shape`` and ``stride`` under ``spec``."""
+    shape, stride = tuple(shape), tuple(stride)
+    perm, dense = _memory_order(shape, stride)
+    channel = spec.bucket_layout == BucketLayout.CHANNEL and len(shape) >= 2 and shape[1] > 0
+    numel = math.prod(shape)
+    rows = shape[1] if channel else 1
+    row_len = numel // rows if rows else 0
     limit = row_len if spec.per_tensor else spec.bucket_size
     # Split each row into equal buckets of at most `limit`: padding stays under one per bucket.
     per_row = max(1, math.ceil(row_len / max(limit, 1)))
     bucket_len = max(1, math.ceil(row_len / per_row))
-    return Buckets(tuple(x.shape), stride, perm, channel, rows, row_len, per_row, bucket_len)
+    return Buckets(shape, dense, perm, channel, rows, row_len, per_row, bucket_len)
+
+
+def plan_buckets(x: torch.Tensor, spec: QuantSpec) -> Buckets:
+    """Choose the layout of ``x`` for ``spec``; cheap, shape arithmetic only."""
+    return plan_layout(tuple(x.shape), tuple(x.stride()), spec)
 
 
 def flat_view(x: torch.Tensor, layout: Buckets) -> torch.Tensor:

@@ -1,15 +1,28 @@
-"""CompressedTensor (packed codes + per-bucket metadata) and ``compress``, its constructor."""
+"""CompressedTensor (packed codes + per-bucket metadata) and ``compress``, its constructor.
+
+Every size is a function of the input's shape and the spec alone (a two-bit mix puts exactly
+``round(p * buckets)`` buckets at ``mix_bits``), and nothing is read back to the host: the work
+runs as registered ops (``ops.py``) with fake kernels, so ``torch.compile`` traces through it
+and a CUDA step never waits on the device.
+
+Non-finite policy: a bucket holding NaN or ±Inf decompresses to all-NaN. The gradients that
+use it are then non-finite, so AMP's ``GradScaler`` skips the step exactly as it would in fp32
+(whose backward sees the same NaN/Inf); nothing carries over to later steps, and no check
+costs a device sync.
+"""
 
 from __future__ import annotations
 
+import math
+import random
+
 import torch
 
-from . import fused
 from .buckets import Buckets, from_buckets, plan_buckets, to_buckets
 from .deterministic import nearest_codes
-from .packing import pack_codes, unpack_codes
-from .spec import QuantSpec, Rounding, Scale
-from .stochastic import draw_mix, stochastic_round
+from .packing import code_dtype, pack_codes, packed_numel, unpack_codes
+from .spec import MixGranularity, QuantSpec, Rounding, Scale
+from .stochastic import mix_mask, stochastic_round
 
 
 class CompressedTensor:
@@ -18,18 +31,15 @@ class CompressedTensor:
     Metadata per bucket: ``minmax`` keeps the bucket minimum as fp32 and the step as bf16
     rounded *up* (so the codes still cover the bucket's maximum; bf16 has fp32's exponent range,
     so tiny ranges never underflow as they would in fp16); ``absmax`` and ``l2`` keep one fp32
-    radius. Non-finite inputs (NaN, ±Inf) are kept exactly in a sparse side table and do not
-    take part in their bucket's range, so they neither spread to nor are hidden from their
-    neighbours: decompression returns them where they were, as FP32 would see them.
+    radius. A bucket holding NaN or ±Inf keeps NaN metadata and decompresses to NaN (see the
+    module docstring).
 
     Use ``compress(x, spec)`` to build one; ``decompress()`` returns a tensor of the original
     shape, dtype, device and strides; ``nbytes`` counts every tensor held.
     """
 
-    __slots__ = (
-        "spec", "dtype", "device", "layout", "raw", "packed", "meta",
-        "mix_mask", "n_mixed", "nonfinite_index", "nonfinite_value", "_taken",
-    )  # fmt: skip
+    __slots__ = ("spec", "dtype", "device", "layout", "raw", "packed", "meta", "mix_mask",
+                 "n_mixed", "_taken")  # fmt: skip
 
     def __init__(self, spec: QuantSpec, x: torch.Tensor) -> None:
         self.spec = spec
@@ -41,9 +51,14 @@ class CompressedTensor:
         self.meta: tuple[torch.Tensor, ...] = ()
         self.mix_mask: torch.Tensor | None = None  # 1 bit per bucket, packed
         self.n_mixed = 0
-        self.nonfinite_index: torch.Tensor | None = None
-        self.nonfinite_value: torch.Tensor | None = None
         self._taken: list[tuple[str, int | None]] | None = None
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     @property
     def shape(self) -> torch.Size:
@@ -129,22 +144,9 @@ class CompressedTensor:
         """The dequantized tensor: original shape, dtype, device and memory format."""
         if self.raw is not None:
             return self.raw
-        out = fused.decompress_fused(self)
-        if out is not None:
-            return out
-        layout = self.layout
-        work = _work_dtype(self.spec)
-        q = self.codes(work)
-        levels = _levels(self.row_bits(), work)
-        if self.spec.scale == Scale.MINMAX:
-            low, step = (m.to(work).view(-1, 1) for m in self.meta)
-            matrix = torch.addcmul(low, q, step)
-        else:
-            radius = self.meta[0].to(work).view(-1, 1)
-            matrix = (2 * q - levels).div_(levels).mul_(radius)
-        if self.nonfinite_index is not None:
-            matrix.view(-1).index_copy_(0, self.nonfinite_index, self.nonfinite_value.to(work))
-        return from_buckets(matrix, layout, self.dtype)
+        from .ops import decompress_op
+
+        return decompress_op(self.tensors(), self.spec, self.n_mixed, self.layout, self.dtype)
 
     def __repr__(self) -> str:
         return (
@@ -154,7 +156,7 @@ class CompressedTensor:
         )
 
 
-_TENSOR_FIELDS = ("raw", "packed", "meta", "mix_mask", "nonfinite_index", "nonfinite_value")
+_TENSOR_FIELDS = ("raw", "packed", "meta", "mix_mask")
 
 
 def _work_dtype(spec: QuantSpec) -> torch.dtype:
@@ -182,17 +184,8 @@ def _round_up_bf16(step: torch.Tensor) -> torch.Tensor:
     return torch.where(too_small, torch.nextafter(rounded, torch.full_like(rounded, 1e30)), rounded)
 
 
-def _split_nonfinite(matrix: torch.Tensor):
-    """Replace non-finite entries by a finite in-range value; return them and their positions."""
-    bad = ~torch.isfinite(matrix)
-    fill = torch.where(bad, float("inf"), matrix).amin(dim=1, keepdim=True)
-    fill = torch.where(torch.isfinite(fill), fill, 0.0)
-    index = bad.view(-1).nonzero().squeeze(1)
-    values = matrix.view(-1)[index]
-    return torch.where(bad, fill, matrix), index, values
-
-
 def _bucket_stats(matrix: torch.Tensor, spec: QuantSpec):
+    """Per-bucket range; NaN/Inf propagate into it (amin/amax/norm propagate NaN)."""
     if spec.scale == Scale.MINMAX:
         low, high = torch.aminmax(matrix, dim=1, keepdim=True)
         return low, high
@@ -202,17 +195,22 @@ def _bucket_stats(matrix: torch.Tensor, spec: QuantSpec):
 
 
 def _quantize(matrix, stats, spec: QuantSpec, bits, generator):
-    """Codes (integral floats) and the metadata that decompression needs."""
+    """Codes (integral floats in range, also for non-finite buckets) and the metadata."""
     levels = _levels(bits, matrix.dtype)
     if spec.scale == Scale.MINMAX:
         low, high = stats
-        step_meta = _round_up_bf16((high - low) / levels)
+        step = (high - low) / levels
+        # NaN marks a bucket with NaN/Inf: its codes decompress to NaN (module docstring).
+        bad = ~torch.isfinite(step)
+        low = torch.where(bad, math.nan, low)
+        step_meta = _round_up_bf16(torch.where(bad, math.nan, step))
         step = step_meta.to(matrix.dtype)
         safe_step = torch.where(step > 0, step, 1.0)
         meta = (low, step_meta)
         zero_point = -low / safe_step
     else:
         (radius,) = stats
+        radius = torch.where(torch.isfinite(radius), radius, math.nan)
         safe_radius = torch.where(radius > 0, radius, 1.0)
         safe_step = 2 * safe_radius / levels
         meta = (radius,)
@@ -222,7 +220,94 @@ def _quantize(matrix, stats, spec: QuantSpec, bits, generator):
         codes = nearest_codes(matrix, safe_step, zero_point, width)
     else:
         codes = stochastic_round(matrix / safe_step + zero_point, levels, generator)
-    return codes, tuple(m.view(-1) for m in meta)
+    # NaN codes (only in NaN buckets) become 0 so that packing never spills into neighbours.
+    return codes.nan_to_num_(0.0), tuple(m.view(-1) for m in meta)
+
+
+def mixed_count(spec: QuantSpec, num_buckets: int) -> int:
+    """How many buckets use ``spec.mix_bits``: fixed by ``spec`` and the size for a per-bucket
+    mix (``round(p * buckets)``, so packed sizes never depend on data or draws); for a
+    per-tensor mix, all or none, drawn on the host (Python's ``random``, no device sync)."""
+    if spec.mix_bits is None or not spec.mix_prob:
+        return 0
+    if spec.mix_granularity == MixGranularity.TENSOR:
+        return num_buckets if random.random() < spec.mix_prob else 0
+    return int(math.floor(spec.mix_prob * num_buckets + 0.5))
+
+
+def layout_sizes(
+    spec: QuantSpec, layout: Buckets, n_mixed: int
+) -> list[tuple[int, torch.dtype]]:
+    """``(numel, dtype)`` of every tensor ``compress_tensors`` returns, in order: the packed
+    code streams, the metadata, the mix mask. Shape arithmetic only (the fake kernels)."""
+    n, per, count = layout.num_buckets, layout.bucket_len, layout.padded_numel
+    work = _work_dtype(spec)
+    if 0 < n_mixed < n:
+        streams = [(n_mixed * per, spec.mix_bits), ((n - n_mixed) * per, spec.bits)]
+    else:
+        streams = [(count, spec.mix_bits if n_mixed else spec.bits)]
+    out = [(packed_numel(k, b), code_dtype(b)) for k, b in streams]
+    out += [(n, work), (n, torch.bfloat16)] if spec.scale == Scale.MINMAX else [(n, work)]
+    if 0 < n_mixed < n:
+        out.append((packed_numel(n, 1), torch.uint8))
+    return out
+
+
+def compress_tensors(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: Buckets,
+    n_mixed: int,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """The eager implementation: the tensors of ``layout_sizes``, in that order."""
+    matrix = to_buckets(x.detach(), layout, _work_dtype(spec))
+    stats = _bucket_stats(matrix, spec)
+    n = layout.num_buckets
+    if not 0 < n_mixed < n:
+        bits = spec.mix_bits if n_mixed else spec.bits
+        codes, meta = _quantize(matrix, stats, spec, bits, generator)
+        return [pack_codes(codes.reshape(-1), bits), *meta]
+    mask = mix_mask(n, n_mixed, matrix.device, generator)
+    bits = torch.where(mask, spec.mix_bits, spec.bits).view(-1, 1)
+    codes, meta = _quantize(matrix, stats, spec, bits, generator)
+    flat = codes.index_select(0, _mixed_first(mask)).reshape(-1)
+    k = n_mixed * layout.bucket_len
+    mixed, plain = pack_codes(flat[:k], spec.mix_bits), pack_codes(flat[k:], spec.bits)
+    return [mixed, plain, *meta, pack_codes(mask.to(torch.uint8), 1)]
+
+
+def decompress_tensors(
+    tensors: list[torch.Tensor],
+    spec: QuantSpec,
+    layout: Buckets,
+    n_mixed: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of ``compress_tensors`` (the eager implementation)."""
+    ct = CompressedTensor.__new__(CompressedTensor)
+    ct.spec, ct.layout, ct.n_mixed, ct.raw = spec, layout, n_mixed, None
+    _assign(ct, tensors)
+    work = _work_dtype(spec)
+    q = ct.codes(work)
+    levels = _levels(ct.row_bits(), work)
+    if spec.scale == Scale.MINMAX:
+        low, step = (m.to(work).view(-1, 1) for m in ct.meta)
+        matrix = torch.addcmul(low, q, step)
+    else:
+        radius = ct.meta[0].to(work).view(-1, 1)
+        matrix = (2 * q - levels).div_(levels).mul_(radius)
+    return from_buckets(matrix, layout, dtype)
+
+
+def _assign(ct: CompressedTensor, tensors: list[torch.Tensor]) -> None:
+    """Split the flat tensor list of ``compress_tensors`` into the object's fields."""
+    mixed = 0 < ct.n_mixed < ct.layout.num_buckets
+    streams = 2 if mixed else 1
+    metas = 2 if ct.spec.scale == Scale.MINMAX else 1
+    ct.packed = tuple(tensors[:streams])
+    ct.meta = tuple(tensors[streams : streams + metas])
+    ct.mix_mask = tensors[streams + metas] if mixed else None
 
 
 def compress(
@@ -230,14 +315,12 @@ def compress(
 ) -> CompressedTensor:
     """Compress ``x`` to packed low-bit codes with per-bucket scaling.
 
-    Large tensors may take the compiled kernels of ``fused.py`` (see there for when); they
-    store the same bytes (nearest) or the same distribution (stochastic) as this eager path.
-
     Args:
         x: any tensor. Non-float tensors, empty tensors and ``bits=32`` are kept as they are
             (no copy).
         spec: a ``QuantSpec`` or a preset name such as ``"2bit-stochastic"``.
-        generator: optional ``torch.Generator`` for reproducible stochastic rounding and mixing.
+        generator: optional ``torch.Generator`` for reproducible stochastic rounding and mixing
+            (runs the eager implementation directly instead of the registered op).
 
     Returns:
         A ``CompressedTensor``; ``.decompress()`` gives the dequantized tensor back.
@@ -250,30 +333,12 @@ def compress(
         return out
     layout = plan_buckets(x, spec)
     out.layout = layout
-    result = fused.compress_fused(x.detach(), spec, layout, generator)
-    # One scalar read (a sync on CUDA): buckets with NaN/Inf are redone on the eager path.
-    if result is not None and not bool(result[2]):
-        out.packed, out.meta = (result[0],), result[1]
-        return out
-    matrix = to_buckets(x.detach(), layout, _work_dtype(spec))
-    stats = _bucket_stats(matrix, spec)
-    # One small check (a sync on CUDA) keeps NaN/Inf from poisoning a bucket's scale.
-    if not bool(torch.isfinite(torch.cat([s.view(-1) for s in stats])).all()):
-        matrix, out.nonfinite_index, values = _split_nonfinite(matrix)
-        out.nonfinite_value = values.to(x.dtype)
-        stats = _bucket_stats(matrix, spec)
+    out.n_mixed = mixed_count(spec, layout.num_buckets)
+    if generator is not None:
+        tensors = compress_tensors(x, spec, layout, out.n_mixed, generator)
+    else:
+        from .ops import compress_op
 
-    mask, out.n_mixed = draw_mix(layout.num_buckets, spec, matrix.device, generator)
-    if mask is None:
-        bits = spec.mix_bits if out.n_mixed else spec.bits
-        codes, out.meta = _quantize(matrix, stats, spec, bits, generator)
-        out.packed = (pack_codes(codes.reshape(-1), bits),)
-        return out
-    bits = torch.where(mask, spec.mix_bits, spec.bits).view(-1, 1)
-    codes, out.meta = _quantize(matrix, stats, spec, bits, generator)
-    ordered = codes.index_select(0, _mixed_first(mask))
-    k = out.n_mixed * layout.bucket_len
-    flat = ordered.reshape(-1)
-    out.packed = (pack_codes(flat[:k], spec.mix_bits), pack_codes(flat[k:], spec.bits))
-    out.mix_mask = pack_codes(mask.to(torch.uint8), 1)
+        tensors = compress_op(x.detach(), spec, out.n_mixed)
+    _assign(out, tensors)
     return out

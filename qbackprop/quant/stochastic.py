@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .spec import MixGranularity, QuantSpec
 
 
 def stochastic_round(
@@ -30,42 +29,17 @@ def stochastic_round(
     return q.clamp_(max=levels)
 
 
-def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
-    # Mix counts are drawn on the host so that the packed sizes are known without a device sync.
-    if generator is not None and generator.device.type == "cpu":
-        return generator
-    return None
+def mix_mask(
+    num_buckets: int, count: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A bool mask of ``num_buckets`` with exactly ``count`` True at uniformly random places.
 
-
-def draw_mix(
-    num_buckets: int,
-    spec: QuantSpec,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor | None, int]:
-    """Which buckets use ``spec.mix_bits``: ``(mask or None, how many)``.
-
-    Each bucket independently uses ``mix_bits`` with probability ``mix_prob``. The draw is made
-    as ``k ~ Binomial(n, p)`` on the host followed by a uniformly random k-subset on the device,
-    which has exactly the distribution of n independent Bernoulli(p) draws but tells the host
-    ``k`` (and so every packed size) without a device-to-host sync.
-
-    Returns:
-        ``(None, 0)`` without a mix; ``(None, n)`` when the whole tensor uses ``mix_bits``;
-        otherwise a bool mask of shape ``(num_buckets,)`` and its count of True.
+    Drawn on the device (a random permutation), so the host never waits for it; with a count
+    fixed by the spec (``compressed.mixed_count``) every packed size is known in advance. Each
+    bucket uses the wider codes with probability ``count / num_buckets``, the spec's ``mix_prob``
+    up to rounding.
     """
-    if spec.mix_bits is None or not spec.mix_prob:
-        return None, 0
-    host = _host_generator(generator)
-    if spec.mix_granularity == MixGranularity.TENSOR:
-        use_mix = bool(torch.rand((), generator=host) < spec.mix_prob)
-        return None, num_buckets if use_mix else 0
-    count = torch.tensor(float(num_buckets))
-    k = int(torch.binomial(count, torch.tensor(float(spec.mix_prob)), generator=host))
-    if k in (0, num_buckets):
-        return None, k
-    device_gen = generator if generator is not None and generator.device == device else None
-    chosen = torch.randperm(num_buckets, generator=device_gen, device=device)[:k]
+    gen = generator if generator is not None and generator.device == torch.device(device) else None
+    chosen = torch.randperm(num_buckets, generator=gen, device=device)[:count]
     mask = torch.zeros(num_buckets, dtype=torch.bool, device=device)
-    mask[chosen] = True
-    return mask, k
+    return mask.index_fill_(0, chosen, True)

@@ -1,0 +1,105 @@
+"""Compression as registered ops: ``qbackprop::compress`` and ``qbackprop::decompress``.
+
+Registered with ``torch.library.custom_op`` and fake kernels, so ``torch.compile`` (Dynamo,
+AOTAutograd, Inductor) treats each as one opaque call with known output sizes: the sizes are a
+function of the input's shape and stride, the spec and the mix count, never of the data. The
+spec travels as a canonical string key (custom ops take primitive arguments). The CPU and CUDA
+kernels are the eager torch implementation of ``compressed.py``; ``triton_kernels.py`` adds
+hand-written kernels for CUDA where they apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+
+from .buckets import Buckets, plan_layout
+from .compressed import compress_tensors, decompress_tensors, layout_sizes
+from .spec import QuantSpec
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_key(spec: QuantSpec) -> str:
+    """The canonical string form of ``spec`` that the ops take."""
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_from_key(key: str) -> QuantSpec:
+    return QuantSpec(**json.loads(key))
+
+
+def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _layout(spec: QuantSpec, shape: list[int], stride: list[int]) -> Buckets:
+    # An empty stride list stands for "not dense": the layout then returns contiguous tensors.
+    if stride:
+        return plan_layout(tuple(shape), tuple(stride), spec)
+    layout = plan_layout(tuple(shape), _contiguous_stride(shape), spec)
+    return dataclasses.replace(layout, stride=None)
+
+
+@torch.library.custom_op("qbackprop::compress", mutates_args=())
+def _compress(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
+    qspec = spec_from_key(spec)
+    layout = plan_layout(tuple(x.shape), tuple(x.stride()), qspec)
+    return compress_tensors(x, qspec, layout, n_mixed)
+
+
+@_compress.register_fake
+def _(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
+    qspec = spec_from_key(spec)
+    layout = plan_layout(tuple(x.shape), tuple(x.stride()), qspec)
+    return [x.new_empty(n, dtype=dtype) for n, dtype in layout_sizes(qspec, layout, n_mixed)]
+
+
+@torch.library.custom_op("qbackprop::decompress", mutates_args=())
+def _decompress(
+    tensors: list[torch.Tensor],
+    spec: str,
+    n_mixed: int,
+    shape: list[int],
+    stride: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    qspec = spec_from_key(spec)
+    return decompress_tensors(tensors, qspec, _layout(qspec, shape, stride), n_mixed, dtype)
+
+
+@_decompress.register_fake
+def _(tensors, spec, n_mixed, shape, stride, dtype) -> torch.Tensor:
+    device = tensors[0].device
+    if stride:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def compress_op(x: torch.Tensor, spec: QuantSpec, n_mixed: int) -> list[torch.Tensor]:
+    """``qbackprop::compress``: the tensors of ``compressed.layout_sizes`` for ``x``."""
+    return torch.ops.qbackprop.compress(x, spec_key(spec), n_mixed)
+
+
+def decompress_op(
+    tensors: list[torch.Tensor],
+    spec: QuantSpec,
+    n_mixed: int,
+    layout: Buckets,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``qbackprop::decompress``: the dequantized tensor of ``layout``'s shape and strides."""
+    stride = list(layout.stride) if layout.stride is not None else []
+    return torch.ops.qbackprop.decompress(
+        tensors, spec_key(spec), n_mixed, list(layout.shape), stride, dtype
+    )
+
+
+__all__ = ["compress_op", "decompress_op", "spec_from_key", "spec_key"]
