@@ -192,8 +192,8 @@ def measure_saved_activations(
     """Measure the bytes autograd keeps for backward after one forward of ``model``.
 
     Runs the forward on the same input and RNG state: once with every qbackprop layer acting as
-    its original module (the fp32 baseline) and once converted (after one more converted
-    forward when sharing is on: it learns which BatchNorm outputs feed converted layers).
+    its original module (the fp32 baseline) and once converted (with the sharing plan that
+    ``convert_model`` decided: the bytes of every training step, the first included).
     Model buffers, train/eval mode and the RNG state are restored afterwards.
 
     Args:
@@ -211,11 +211,6 @@ def measure_saved_activations(
         torch.manual_seed(seed)
         with temporarily_unconverted(model):
             base = _run(model, inputs)
-        if any(getattr(m, "qshare", False) for m in model.modules()):
-            # Which outputs are shared is learned in a first forward (functions/shared.py),
-            # as in the first training step: measure the layout every later step has.
-            torch.manual_seed(seed)
-            _run(model, inputs)
         torch.manual_seed(seed)
         conv = _run(model, inputs)
     names = list(dict.fromkeys([*base.bytes, *conv.bytes]))

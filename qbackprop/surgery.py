@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import layers  # noqa: F401  (importing registers every drop-in layer)
@@ -16,14 +18,15 @@ from .config import QuantConfig, as_quant_config
 from .errors import ConfigError
 from .functions import shared
 from .functions.fallback import FallbackScope, fallback_spec
-from .layers.registry import QuantizedModule, Swap, find_swap
+from .layers.registry import QuantizedModule, Swap, find_swap, quantized_class
 from .quant import QuantSpec
+from .sharing_plan import plan_sharing
 
 _ORIGINAL = "_qbackprop_original_class"
 _SCOPE = "_qbackprop_fallback"
 _REPORT = "_qbackprop_report"
 _CONFIG = "_qbackprop_config"
-_CLASSES: dict[tuple[type, type], type] = {}
+_SHARING = "_qbackprop_sharing"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ConversionRow:
     spec: QuantSpec | None
     converted: bool
     reason: str = ""
+    keeps: str = ""  # what the layer really keeps when it differs from spec (the plan)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -44,16 +48,10 @@ class ConversionRow:
             "family": self.family,
             "spec": self.spec.to_dict() if self.spec is not None else None,
             "plan": self.spec.short() if self.converted and self.spec is not None else "",
+            "keeps": self.keeps,
             "converted": self.converted,
             "reason": self.reason,
         }
-
-
-def _quantized_class(mixin: type, original: type) -> type:
-    key = (mixin, original)
-    if key not in _CLASSES:
-        _CLASSES[key] = type(f"Q{original.__name__}", (mixin, original), {})
-    return _CLASSES[key]
 
 
 def original_type(module: nn.Module) -> type[nn.Module]:
@@ -71,7 +69,7 @@ def _why_not(module: nn.Module, swap: Swap) -> str:
 
 def _swap_in(module: nn.Module, swap: Swap, spec: QuantSpec, share: bool) -> None:
     source = original_type(module)
-    module.__class__ = _quantized_class(swap.mixin, source)
+    module.__class__ = quantized_class(swap.mixin, source)
     setattr(module, _ORIGINAL, source)
     module.qspec = spec
     module.qshare = share
@@ -113,6 +111,7 @@ def convert_model(
     cfg: QuantConfig | dict | str | Path,
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    example_input: torch.Tensor | tuple | None = None,
 ) -> nn.Module:
     """Swap supported layers for drop-ins that save compressed activations; returns the model.
 
@@ -125,6 +124,10 @@ def convert_model(
         cfg: a ``QuantConfig``, the ``quant:`` section as a dict, a YAML path, or a preset name
             such as ``"2bit-stochastic"``.
         filter_fn: optional ``(module, qualified_name) -> bool``; False leaves a module alone.
+        example_input: a batch (or tuple of inputs) for the planning forward that decides
+            which BatchNorm outputs are shared with their consumers (``sharing_plan.py``);
+            by default a batch of 2 built from the model's first layer (32 px images, or the
+            timm model's own input size if that fails).
 
     Returns:
         The same model object, converted.
@@ -153,8 +156,16 @@ def convert_model(
         else:
             _swap_out(module)
     _set_fallback(model, cfg)
-    setattr(model, _REPORT, [row for _, _, row in plan])
+    sharing = ""
+    if cfg.share and any(row.converted and row.family == "batchnorm" for _, _, row in plan):
+        _, sharing = plan_sharing(model, example_input)
+    rows = [
+        dataclasses.replace(row, keeps=module.saves() if row.converted else "")
+        for module, _, row in plan
+    ]
+    setattr(model, _REPORT, rows)
     setattr(model, _CONFIG, cfg)
+    setattr(model, _SHARING, sharing)
     return model
 
 
@@ -173,7 +184,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         _swap_out(module)
     _set_fallback(model, None)
-    for attr in (_REPORT, _CONFIG):
+    for attr in (_REPORT, _CONFIG, _SHARING):
         model.__dict__.pop(attr, None)
     return model
 
@@ -199,6 +210,11 @@ def temporarily_unconverted(model: nn.Module) -> Iterator[None]:
 def conversion_report(model: nn.Module) -> list[ConversionRow]:
     """One row per convertible module of the last ``convert_model``: converted, or why not."""
     return list(getattr(model, _REPORT, []))
+
+
+def sharing_summary(model: nn.Module) -> str:
+    """How the sharing plan of the last ``convert_model`` was made ("" when none was needed)."""
+    return getattr(model, _SHARING, "")
 
 
 def converted_config(model: nn.Module) -> QuantConfig | None:

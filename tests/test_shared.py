@@ -150,13 +150,19 @@ def test_squeeze_excite_product_is_shared():
     assert row_bytes(report, "conv_dw") == 0  # rebuilt from bn1's x̂
 
 
-def test_revert_and_reconvert_forget_what_was_learned(x):
+def test_the_plan_is_made_at_conversion_and_revert_forgets_it(x):
     model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
-    grads(model, x)
-    assert shared.feeds_converted(model.bn)
-    qb.convert_model(model, "4bit-stochastic")
+    assert shared.feeds_converted(model.bn)  # before any training step
+    assert (
+        "shared with its consumer"
+        in dict((r.name, r.keeps) for r in qb.conversion_report(model))["bn"]
+    )
+    qb.convert_model(model, {"default": "4bit-stochastic", "share": False})
     assert not shared.feeds_converted(model.bn)
     grads(model, x)
+    assert not shared.feeds_converted(model.bn)  # training steps never change the plan
+    qb.convert_model(model, "4bit-stochastic")
+    assert shared.feeds_converted(model.bn)
     qb.revert_model(model)
     assert not shared.feeds_converted(model.bn)
     assert "_qbackprop_feeds" not in model.bn.__dict__

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.spec import Rounding, Storage
+from .base import QFunction
 from .fewbit import (
     MAX_BITS,
     decode_derivative,
@@ -369,7 +369,7 @@ def _restore(flat: torch.Tensor, shape: torch.Size, perm: tuple[int, ...] | None
     return out.permute(inverse)
 
 
-class ActivationFn(torch.autograd.Function):
+class ActivationFn(QFunction):
     """Forward exactly as torch; keep what ``spec`` asks for (exact tensor, mask, or codes)."""
 
     @staticmethod
@@ -396,7 +396,6 @@ class ActivationFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         _, stored = load_saved(ctx)
         act = ctx.act

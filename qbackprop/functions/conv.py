@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from . import shared
-from .autocast import autocast_disabled, autocast_inputs, refuse_create_graph
+from .autocast import autocast_disabled, autocast_inputs
+from .base import QFunction
 from .saved import load_saved, save_for_backward
 
 _PLAIN_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -34,7 +34,7 @@ class _TensorMeta:
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
 
 
-class ConvFunction(torch.autograd.Function):
+class ConvFunction(QFunction):
     """``torch.convolution`` (not transposed) that saves its input compressed by ``spec``.
 
     Forward is torch's kernel; backward is ``aten.convolution_backward`` with the dequantized
@@ -79,8 +79,6 @@ class ConvFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         with autocast_disabled(grad.device.type):
             (x,), (w,) = load_saved(ctx)

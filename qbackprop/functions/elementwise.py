@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
 from . import shared
-from .autocast import autocast_disabled, refuse_create_graph
+from .autocast import autocast_disabled
+from .base import QFunction
 from .saved import load_saved, save_for_backward
 
 GATE_BITS = 4
@@ -25,7 +25,7 @@ def gate_spec(spec: QuantSpec | None) -> QuantSpec | None:
     return spec.replace(bits=GATE_BITS, mix_bits=None, mix_prob=None)
 
 
-class GateMultiplyFunction(torch.autograd.Function):
+class GateMultiplyFunction(QFunction):
     """``x * gate`` with broadcasting; keeps ``x`` compressed by ``spec``, ``gate`` at >= 4 bits.
 
     Backward: ``dx = δ·gate`` (exact: it does not read ``x``) and ``dgate = Σ δ·x̃`` over the
@@ -50,8 +50,6 @@ class GateMultiplyFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         with autocast_disabled(grad.device.type):
             (x, gate), _ = load_saved(ctx)

@@ -81,6 +81,14 @@ class FallbackCompressor:
         self.keep: set[int] = set()
         self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
+    def __getstate__(self) -> dict:
+        # Per-forward state (the dedup cache of live tensors, parameter pointers) is not part
+        # of a model: pickle, deepcopy and torch.save keep only the settings.
+        return {"spec": self.spec, "min_numel": self.min_numel}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["spec"], state["min_numel"])
+
     def _eligible(self, t: torch.Tensor) -> bool:
         return (
             self.spec.enabled
@@ -125,6 +133,11 @@ class FallbackScope:
             module.register_forward_pre_hook(self._enter),
             module.register_forward_hook(self._leave, always_call=True),
         ]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_stack"] = []  # hooks entered by a forward in progress stay with that forward
+        return state
 
     def _enter(self, module, args) -> None:
         if not self.enabled or not torch.is_grad_enabled():

@@ -252,7 +252,9 @@ def derivative_range(name: str, params: tuple[float, ...] = ()) -> tuple[float, 
 
 
 @torch.library.custom_op("qbackprop::encode_derivative_unbiased", mutates_args=())
-def _encode_unbiased(slope: torch.Tensor, name: str, bits: int, params: list[float]) -> torch.Tensor:
+def _encode_unbiased(
+    slope: torch.Tensor, name: str, bits: int, params: list[float]
+) -> torch.Tensor:
     low, high = derivative_range(name, tuple(params))
     top = 2**bits - 1
     scale = top / (high - low) if high > low else 0.0
@@ -284,7 +286,9 @@ def _encode(x: torch.Tensor, name: str, bits: int, params: list[float]) -> torch
 
 
 @torch.library.custom_op("qbackprop::decode_derivative", mutates_args=())
-def _decode(packed: torch.Tensor, n: int, name: str, bits: int, params: list[float]) -> torch.Tensor:
+def _decode(
+    packed: torch.Tensor, n: int, name: str, bits: int, params: list[float]
+) -> torch.Tensor:
     _, levels = _table_on(name, bits, tuple(params), packed.device)
     return levels[unpack_codes(packed, bits, n)]
 

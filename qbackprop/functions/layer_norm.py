@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
-from .autocast import autocast_dtype, refuse_create_graph
+from .autocast import autocast_dtype
+from .base import QFunction
 from .conv import records_grad
 from .norm import normalized_spec
 from .saved import load_saved, save_for_backward
@@ -46,7 +46,7 @@ def _input_grad(g, xhat, w_view, rstd, dims):
     return (gw - mean_gw - xhat * mean_gwx) * rstd
 
 
-class LayerNormFunction(torch.autograd.Function):
+class LayerNormFunction(QFunction):
     """``F.layer_norm`` over the last ``len(normalized_shape)`` dims, saving a compressed x̂."""
 
     @staticmethod
@@ -63,8 +63,6 @@ class LayerNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad):
         (saved,), exact = load_saved(ctx)
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
@@ -89,7 +87,7 @@ class LayerNormFunction(torch.autograd.Function):
         return grad_input, None, grad_weight, grad_bias, None, None
 
 
-class GroupNormFunction(torch.autograd.Function):
+class GroupNormFunction(QFunction):
     """``F.group_norm`` of an ``(N, C, *spatial)`` input, saving a compressed x̂."""
 
     @staticmethod
@@ -111,8 +109,6 @@ class GroupNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad):
         (saved,), exact = load_saved(ctx)
         n, c, hw, groups = ctx.dims

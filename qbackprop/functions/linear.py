@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
-from .autocast import autocast_disabled, autocast_inputs, refuse_create_graph
+from .autocast import autocast_disabled, autocast_inputs
+from .base import QFunction
 from .saved import load_saved, save_for_backward
 
 
@@ -16,7 +16,7 @@ def _column_major(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
 
 
-class LinearFunction(torch.autograd.Function):
+class LinearFunction(QFunction):
     """``F.linear`` that saves its input compressed by ``spec``.
 
     Backward on the flattened ``(M, in)`` input: ``dx = δ W``, ``dW = δᵀ x̃``, ``db = Σ δ``,
@@ -48,8 +48,6 @@ class LinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         with autocast_disabled(grad.device.type):
             (x,), (w,) = load_saved(ctx)

@@ -9,9 +9,9 @@ backward multiplies their quantization error by invstd (see docs/design-notes.md
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..quant import QuantSpec
+from .base import QFunction
 from .saved import load_saved, save_for_backward
 from .shared import scaled_bits
 
@@ -86,7 +86,7 @@ def batch_norm_backward_from_xhat(
     return grad_input, grad_weight, grad_bias
 
 
-class BatchNormFunction(torch.autograd.Function):
+class BatchNormFunction(QFunction):
     """``F.batch_norm`` whose backward reads a compressed x̂ (or the exact input at 32 bits)."""
 
     @staticmethod
@@ -127,7 +127,6 @@ class BatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (saved,), exact = load_saved(ctx)
         needs = tuple(ctx.needs_input_grad[:3])

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from ..quant.packing import pack_codes, unpack_codes
-from .autocast import refuse_create_graph
+from .base import QFunction
 from .saved import load_saved, save_for_backward
 
 
@@ -23,7 +22,7 @@ def _window_origins(out_size: int, stride: int, padding: int, device) -> torch.T
     return torch.arange(out_size, device=device) * stride - padding
 
 
-class MaxPool2dFunction(torch.autograd.Function):
+class MaxPool2dFunction(QFunction):
     """``F.max_pool2d`` that saves the argmax's in-window position, densely packed."""
 
     @staticmethod
@@ -47,8 +46,6 @@ class MaxPool2dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @refuse_create_graph
-    @once_differentiable
     def backward(ctx, grad):
         _, (codes,) = load_saved(ctx)
         shape, dtype, kw, sh, sw, ph, pw, dh, dw, bits, out_shape = ctx.geometry

@@ -13,8 +13,9 @@ Sharing turns two b-bit copies into one, and the producer spends those bytes on 
 BatchNorm whose output feeds a converted layer keeps x̂ at ``2·b`` bits, or, with a smooth
 activation in between, x̂ and that activation's derivative code split the three copies' bytes
 (``widen``, ``code_bits``: 3 + 3 bits at ``b = 2``). Which BatchNorms feed converted layers is
-learned in the first forward with gradients (a consumer marks its producer); until then every
-layer keeps its own copy.
+the *plan*, decided once by ``convert_model`` in a planning forward (``planning()``: a consumer
+marks its producer) and shown by ``conversion_report``; training steps never change it, so
+the first step keeps exactly what every later step keeps.
 
 Tags are plain attributes on tensor objects, checked against the tensor's version counter: an
 in-place change after tagging (``out += shortcut``), a view, a cast or a dropout gives a
@@ -23,8 +24,9 @@ tensor without a valid recipe, and the consumer keeps its own copy as before.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +164,24 @@ def code_bits(bits: int) -> int:
     return min(bits + bits // 2, 16)
 
 
+_planning = [False]
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Within the block, forwards decide the sharing plan (which producers feed converted
+    layers, which are followed by a smooth activation); outside it the plan is only read."""
+    _planning[0] = True
+    try:
+        yield
+    finally:
+        _planning[0] = False
+
+
+def is_planning() -> bool:
+    return _planning[0]
+
+
 def feeds_converted(module: torch.nn.Module) -> bool:
     """Whether a consumer has asked for ``module``'s output (learned in a forward)."""
     return bool(module.__dict__.get(_FEEDS, False))
@@ -174,7 +194,7 @@ def has_smooth_activation(module: torch.nn.Module) -> bool:
 
 def note_smooth_activation(recipe: Recipe) -> None:
     """Called by a smooth activation on a tagged input: its producer learns it is followed."""
-    if recipe.producer is not None:
+    if recipe.producer is not None and _planning[0]:
         setattr(recipe.producer, _SMOOTH, True)
 
 
@@ -201,16 +221,16 @@ def recipe_of(t: torch.Tensor) -> Recipe | None:
 def usable_recipe(t: torch.Tensor, spec: QuantSpec) -> Recipe | None:
     """The recipe a consumer saving ``t`` under ``spec`` may use instead of compressing it.
 
-    A recipe that is not ready yet teaches its producer that its output feeds a converted
-    layer (so the next forward widens and shares); one coarser than ``spec`` (fewer expected
-    bits per element) is not used.
+    A recipe that is not ready yet, in the planning forward, teaches its producer that its
+    output feeds a converted layer (so later forwards widen and share); one coarser than
+    ``spec`` (fewer expected bits per element) is not used.
     """
     recipe = recipe_of(t)
     if recipe is None or recipe.dtype != t.dtype:
         return None
     if not recipe.ready:
         wanted = recipe.promise is None or recipe.promise >= leaf_bits(spec)
-        if recipe.producer is not None and wanted:
+        if recipe.producer is not None and wanted and _planning[0]:
             setattr(recipe.producer, _FEEDS, True)
         return None
     return recipe if recipe.bits >= leaf_bits(spec) else None

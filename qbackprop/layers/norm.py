@@ -13,8 +13,22 @@ from .registry import QuantizedModule, register_swap
 class _BatchNormMixin(QuantizedModule):
     """torch's ``_BatchNorm.forward`` logic (momentum, cumulative average, eval), our Function."""
 
+    def _xhat_spec(self):
+        """x̂'s spec under the sharing plan: 2·b bits (max 8) alone, or wider when shared."""
+        spec = normalized_spec(self.qspec)
+        if self.qshare and spec is not None and spec.enabled and shared.feeds_converted(self):
+            # One copy serves BN and its consumer: see functions/shared.py.
+            wide = shared.widen(self.qspec, shared.has_smooth_activation(self))
+            spec = wide if wide.bits > spec.bits else spec
+        return spec
+
     def saves(self) -> str:
-        return f"x̂ at {normalized_spec(self.qspec).bits}b"
+        spec = self._xhat_spec()
+        if spec is None or not spec.enabled:
+            return ""
+        if self.qshare and shared.feeds_converted(self):
+            return f"x̂ at {spec.bits}b, shared with its consumer"
+        return f"x̂ at {spec.bits}b"
 
     def _qbackprop_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -25,13 +39,8 @@ class _BatchNormMixin(QuantizedModule):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else factor
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        spec, sources = normalized_spec(self.qspec), None
-        if self.qshare and spec is not None and spec.enabled:
-            sources = []
-            if shared.feeds_converted(self):
-                # One copy serves BN and its consumer: see functions/shared.py.
-                wide = shared.widen(self.qspec, shared.has_smooth_activation(self))
-                spec = wide if wide.bits > spec.bits else spec
+        spec = self._xhat_spec()
+        sources = [] if self.qshare and spec is not None and spec.enabled else None
         out = batch_norm(
             x,
             self.running_mean if track else None,

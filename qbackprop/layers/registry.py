@@ -27,12 +27,34 @@ class QuantizedModule:
         """What this layer keeps when it differs from ``qspec`` (e.g. x̂ at wider bits)."""
         return ""
 
+    def __reduce_ex__(self, protocol: int):
+        # The generated class (mixin + original) has no importable name: pickle, deepcopy and
+        # torch.save rebuild it from the two classes, which do.
+        mixin, original = type(self).__bases__[:2]
+        return _rebuild, (mixin, original), self.__getstate__()
+
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         spec = self.qspec.short() if self.qspec is not None else "off"
         note = self.saves() if self.qspec is not None and self.qspec.enabled else ""
         spec = f"{spec} ({note})" if note else spec
         return f"{base}, qbackprop={spec}" if base else f"qbackprop={spec}"
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def quantized_class(mixin: type[QuantizedModule], original: type[nn.Module]) -> type:
+    """The converted class of ``original`` modules: ``Q<Original>(mixin, original)``, made once."""
+    key = (mixin, original)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Q{original.__name__}", (mixin, original), {})
+    return _CLASSES[key]
+
+
+def _rebuild(mixin: type[QuantizedModule], original: type[nn.Module]) -> nn.Module:
+    cls = quantized_class(mixin, original)
+    return cls.__new__(cls)
 
 
 @dataclass(frozen=True)
