@@ -235,9 +235,7 @@ def mixed_count(spec: QuantSpec, num_buckets: int) -> int:
     return int(math.floor(spec.mix_prob * num_buckets + 0.5))
 
 
-def layout_sizes(
-    spec: QuantSpec, layout: Buckets, n_mixed: int
-) -> list[tuple[int, torch.dtype]]:
+def layout_sizes(spec: QuantSpec, layout: Buckets, n_mixed: int) -> list[tuple[int, torch.dtype]]:
     """``(numel, dtype)`` of every tensor ``compress_tensors`` returns, in order: the packed
     code streams, the metadata, the mix mask. Shape arithmetic only (the fake kernels)."""
     n, per, count = layout.num_buckets, layout.bucket_len, layout.padded_numel

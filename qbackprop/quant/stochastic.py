@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 
-
 def stochastic_round(
     u: torch.Tensor, levels: torch.Tensor | float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
