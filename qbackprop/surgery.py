@@ -157,7 +157,8 @@ def convert_model(
             _swap_out(module)
     _set_fallback(model, cfg)
     sharing = ""
-    if cfg.share and any(row.converted and row.family == "batchnorm" for _, _, row in plan):
+    if any(row.converted for _, _, row in plan):
+        # Also builds every table the layers use (derivative codes), so no step pays for it.
         _, sharing = plan_sharing(model, example_input)
     rows = [
         dataclasses.replace(row, keeps=module.saves() if row.converted else "")

@@ -292,14 +292,24 @@ _EXACT, _STEP, _CODES = "exact", "step", "codes"
 _SPECIAL = (math.nan, math.inf, -math.inf)
 
 
-@functools.cache
+_NAN_INPUTS: dict = {}
+
+
 def _nan_derivative_inputs(act: Activation) -> tuple[float, ...]:
-    """Which of NaN, +inf, -inf give a NaN derivative in torch (probed once per activation)."""
+    """Which of NaN, +inf, -inf give a NaN derivative in torch (probed once per activation,
+    eagerly: under torch.compile an activation not probed yet counts all three)."""
+    known = _NAN_INPUTS.get(act)
+    if known is not None:
+        return known
+    if torch.compiler.is_compiling():
+        return _SPECIAL
     probe = torch.tensor(_SPECIAL)
     with torch.no_grad():
         saved = act.forward(probe.clone(), False) if act.saves_output else probe
         grad = act.exact_backward(torch.ones_like(probe), saved, False)
-    return tuple(v for v, d in zip(_SPECIAL, grad.isnan().tolist(), strict=True) if d)
+    found = tuple(v for v, d in zip(_SPECIAL, grad.isnan().tolist(), strict=True) if d)
+    _NAN_INPUTS[act] = found
+    return found
 
 
 def _nan_flag(x: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
@@ -422,4 +432,6 @@ def quantized_activation(
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
         return act.forward(x, inplace)  # nothing to save: plain torch, eval-speed
-    return ActivationFn.apply(x, act, spec, inplace)
+    # Under torch.compile out of place (Dynamo cannot trace mark_dirty); Inductor reuses the
+    # buffer anyway where the input is dead.
+    return ActivationFn.apply(x, act, spec, inplace and not torch.compiler.is_compiling())

@@ -193,6 +193,9 @@ def is_data(x: torch.Tensor) -> bool:
     batch), not an activation: the caller holds it anyway, so keeping a reference costs no
     bytes, where a compressed copy would add bytes and error. The stem conv's weight gradient,
     whose input patches are strongly correlated, is among the most sensitive in a CNN."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot read grad_fn; inside a model every activation requires grad.
+        return not x.requires_grad
     return x.grad_fn is None and not x.requires_grad
 
 
@@ -241,10 +244,7 @@ def quantized_conv(
     return _conv_with_saved(input, weight, bias, stride, padding, dilation, groups, spec)
 
 
-@torch.compiler.disable
 def _conv_with_saved(input, weight, bias, stride, padding, dilation, groups, spec):
-    # Dynamo cannot trace compression (data-dependent checks, Python objects on ctx): this
-    # runs eagerly as a graph break inside a compiled model.
     nd = weight.dim() - 2
     unbatched = input.dim() == nd + 1
     if unbatched:

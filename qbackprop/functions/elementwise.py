@@ -88,11 +88,9 @@ def quantized_mul(
     return _mul_with_saved(x, gate, spec, share)
 
 
-@torch.compiler.disable
 def _mul_with_saved(
     x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None, share: bool
 ) -> torch.Tensor:
-    # Compression is not traceable by dynamo: a graph break inside a compiled model.
     sources: list | None = [] if share and spec is not None and spec.enabled else None
     with autocast_disabled(x.device.type):
         out = GateMultiplyFunction.apply(x, gate, spec, sources)

@@ -99,7 +99,6 @@ class FallbackCompressor:
             and t.untyped_storage().data_ptr() not in self.keep
         )
 
-    @torch.compiler.disable
     def pack(self, t: torch.Tensor):
         if not self._eligible(t):
             for observe in _OBSERVERS:
@@ -117,7 +116,6 @@ class FallbackCompressor:
         return packed
 
     @staticmethod
-    @torch.compiler.disable
     def unpack(obj):
         return obj.ct.decompress() if isinstance(obj, _Packed) else obj
 
@@ -140,7 +138,9 @@ class FallbackScope:
         return state
 
     def _enter(self, module, args) -> None:
-        if not self.enabled or not torch.is_grad_enabled():
+        # Under torch.compile the fallback is off: saved-tensor hooks cannot be traced, and
+        # AOTAutograd decides what the compiled graph saves (docs/design-notes.md).
+        if not self.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._stack.append(None)
             return
         # Read at every forward: `.to(device)` after conversion moves parameters and buffers.

@@ -94,9 +94,7 @@ def quantized_linear(
     return _linear_with_saved(input, weight, bias, spec)
 
 
-@torch.compiler.disable
 def _linear_with_saved(input, weight, bias, spec):
-    # Compression is not traceable by dynamo: a graph break inside a compiled model.
     device_type = input.device.type
     input, weight, bias = autocast_inputs(device_type, input, weight, bias)
     with autocast_disabled(device_type):

@@ -20,7 +20,11 @@ _HANDLED = "_qbackprop_handled"
 
 
 def mark_handled(*tensors: torch.Tensor | None) -> None:
-    """Mark tensors that a qbackprop Function keeps as they are: the fallback skips them."""
+    """Mark tensors that a qbackprop Function keeps as they are: the fallback skips them.
+
+    (Not under torch.compile, where the fallback hooks are off: see fallback.py.)"""
+    if torch.compiler.is_compiling():
+        return
     for t in tensors:
         if t is not None:
             setattr(t, _HANDLED, True)
@@ -42,9 +46,6 @@ class _Slot:
         self.recipe = recipe
 
 
-# Compression is opaque to torch.compile (a graph break): its data-dependent sizes (mix counts,
-# non-finite side tables) and host-side draws cannot be traced; it has its own fused kernels.
-@torch.compiler.disable
 def save_for_backward(
     ctx,
     activations: Sequence[tuple[torch.Tensor | None, QuantSpec | None]],
@@ -112,7 +113,6 @@ def _source(leaf: Leaf, dtype: torch.dtype) -> Recipe:
     return Recipe((leaf,), (), identity, True, None, dtype)
 
 
-@torch.compiler.disable
 def load_saved(ctx) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
     """Inverse of ``save_for_backward``: dequantized activations and the exact tensors."""
     saved = list(ctx.saved_tensors)
@@ -130,7 +130,7 @@ def load_saved(ctx) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None
         elif slot.kind == "recipe":
             out.append(slot.recipe.rebuild([next(stored) for _ in range(slot.count)]))
         else:
-            ct = slot.shell.put_tensors([next(stored) for _ in range(slot.count)])
-            out.append(ct.decompress())
-            ct.take_tensors()  # backward may run again with retain_graph=True
+            # The shell is read, never changed: backward may run again (retain_graph=True),
+            # and a traced backward may not mutate objects made in forward.
+            out.append(slot.shell.decompress_from([next(stored) for _ in range(slot.count)]))
     return out, exact

@@ -204,14 +204,19 @@ def forget(module: torch.nn.Module) -> None:
 
 
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
-    """Attach ``recipe`` to ``t`` (valid until ``t`` is changed in place); returns ``t``."""
-    if recipe is not None:
+    """Attach ``recipe`` to ``t`` (valid until ``t`` is changed in place); returns ``t``.
+
+    Under torch.compile nothing is shared: tensors cannot carry attributes in a traced graph,
+    so every consumer keeps its own copy (docs/design-notes.md, "Under torch.compile")."""
+    if recipe is not None and not torch.compiler.is_compiling():
         setattr(t, _TAG, (recipe, t._version))
     return t
 
 
 def recipe_of(t: torch.Tensor) -> Recipe | None:
     """The valid recipe of ``t``, or None (none attached, or ``t`` changed in place since)."""
+    if torch.compiler.is_compiling():
+        return None
     entry = getattr(t, _TAG, None)
     if entry is None or entry[1] != t._version:
         return None

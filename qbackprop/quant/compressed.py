@@ -140,6 +140,14 @@ class CompressedTensor:
         order = _mixed_first(unpack_codes(self.mix_mask, 1, layout.num_buckets).bool())
         return torch.empty_like(ordered).index_copy_(0, order, ordered)
 
+    def decompress_from(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Decompress the tensors ``take_tensors`` returned, leaving this shell as it is."""
+        if self.raw is not None or self._taken == [("raw", None)]:
+            return tensors[0]
+        from .ops import decompress_op
+
+        return decompress_op(tensors, self.spec, self.n_mixed, self.layout, self.dtype)
+
     def decompress(self) -> torch.Tensor:
         """The dequantized tensor: original shape, dtype, device and memory format."""
         if self.raw is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import torch
 
@@ -21,15 +20,26 @@ from .compressed import compress_tensors, decompress_tensors, layout_sizes
 from .spec import QuantSpec
 
 
-@functools.lru_cache(maxsize=4096)
 def spec_key(spec: QuantSpec) -> str:
-    """The canonical string form of ``spec`` that the ops take."""
-    return json.dumps(spec.to_dict(), sort_keys=True)
+    """The canonical string form of ``spec`` that the ops take, e.g.
+    ``bits=2;bucket_size=512;...`` (plain string building: Dynamo traces it to a constant)."""
+    fields = spec.to_dict()
+    return ";".join(f"{name}={fields[name]}" for name in sorted(fields))
 
 
 @functools.lru_cache(maxsize=4096)
 def spec_from_key(key: str) -> QuantSpec:
-    return QuantSpec(**json.loads(key))
+    fields = dict(item.split("=", 1) for item in key.split(";"))
+    return QuantSpec(**{name: _parse(value) for name, value in fields.items()})
+
+
+def _parse(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:

@@ -54,6 +54,8 @@ def _shifts(count: int, step: int, dtype: torch.dtype, device: torch.device) -> 
     """``[0, step, ..., (count - 1) * step]`` as a ``(1, count, 1)`` tensor, made once per
     device: packing runs for every saved tensor, and small tensors are dominated by such
     fixed costs."""
+    if torch.compiler.is_compiling():  # a traced graph makes its constants once anyway
+        return torch.arange(0, count * step, step, dtype=dtype, device=device).view(1, -1, 1)
     key = (count, step, dtype, device)
     out = _shift_cache.get(key)
     if out is None:
