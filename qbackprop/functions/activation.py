@@ -120,7 +120,13 @@ def _pass_where(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, grad, 0)
 
 
-@functools.cache
+def _constant(fn):
+    """Cached, and a constant for torch.compile: Dynamo calls it at trace time instead of
+    tracing the construction of an ``Activation`` in every layer (minutes on a large model)."""
+    return torch.compiler.assume_constant_result(functools.cache(fn))
+
+
+@_constant
 def relu() -> Activation:
     """``nn.ReLU``: torch keeps the output; ``relu'(0) = 0``, NaN passes the gradient."""
     return Activation(
@@ -135,7 +141,7 @@ def relu() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Activation:
     """``nn.Hardtanh`` / ``nn.ReLU6``: derivative 1 strictly inside, 0 at and beyond the limits."""
     return Activation(
@@ -148,7 +154,7 @@ def hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def leaky_relu(negative_slope: float = 0.01) -> Activation:
     """``nn.LeakyReLU``: derivative 1 where ``x > 0``, ``negative_slope`` elsewhere (and NaN)."""
 
@@ -169,7 +175,7 @@ def leaky_relu(negative_slope: float = 0.01) -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def hardsigmoid() -> Activation:
     """``nn.Hardsigmoid``: derivative 1/6 strictly inside (-3, 3), else 0 (NaN too)."""
 
@@ -189,7 +195,7 @@ def hardsigmoid() -> Activation:
 # ---- smooth derivatives: few-bit codes --------------------------------------------------------
 
 
-@functools.cache
+@_constant
 def silu() -> Activation:
     """``nn.SiLU`` (swish)."""
     return Activation(
@@ -200,7 +206,7 @@ def silu() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def gelu(approximate: str = "none") -> Activation:
     """``nn.GELU`` with ``approximate`` ``"none"`` (erf) or ``"tanh"``."""
     if approximate not in ("none", "tanh"):
@@ -213,7 +219,7 @@ def gelu(approximate: str = "none") -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def sigmoid() -> Activation:
     """``nn.Sigmoid`` (torch keeps the output)."""
     return Activation(
@@ -226,7 +232,7 @@ def sigmoid() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def tanh() -> Activation:
     """``nn.Tanh`` (torch keeps the output)."""
     return Activation(
@@ -239,7 +245,7 @@ def tanh() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def hardswish() -> Activation:
     """``nn.Hardswish``."""
     return Activation(
@@ -250,7 +256,7 @@ def hardswish() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def mish() -> Activation:
     """``nn.Mish``."""
     return Activation(
@@ -261,7 +267,7 @@ def mish() -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def elu(alpha: float = 1.0) -> Activation:
     """``nn.ELU``: torch keeps the input out of place and the output in place."""
     return Activation(
@@ -274,7 +280,7 @@ def elu(alpha: float = 1.0) -> Activation:
     )
 
 
-@functools.cache
+@_constant
 def softplus(beta: float = 1.0, threshold: float = 20.0) -> Activation:
     """``nn.Softplus``."""
     return Activation(

@@ -82,7 +82,8 @@ def save_for_backward(
             mark_handled(x)
             slots.append(_Slot("raw", None, 1, spec))
             tensors.append(x)
-            sources.append(_source(Leaf(None, (x,), leaf_bits(None)), x.dtype))
+            compiling = torch.compiler.is_compiling()
+            sources.append(None if compiling else _source(Leaf(None, (x,), 32.0), x.dtype))
         elif spec.storage == Storage.ON_BACKWARD:
             mark_handled(x)
             slots.append(_Slot("late", None, 1, spec))
@@ -101,7 +102,11 @@ def save_for_backward(
             mark_handled(*held)
             slots.append(_Slot("packed", ct, len(held), spec))
             tensors.extend(held)
-            sources.append(_source(Leaf(ct, tuple(held), leaf_bits(spec)), x.dtype))
+            # (Nothing is shared under torch.compile: no recipe to build there.)
+            compiling = torch.compiler.is_compiling()
+            sources.append(
+                None if compiling else _source(Leaf(ct, tuple(held), leaf_bits(spec)), x.dtype)
+            )
     mark_handled(*exact)
     ctx.qbackprop_slots = slots
     ctx.qbackprop_num_exact = len(exact)

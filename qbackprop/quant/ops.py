@@ -20,9 +20,13 @@ from .compressed import compress_tensors, decompress_tensors, layout_sizes
 from .spec import QuantSpec
 
 
+# Cached; a constant under torch.compile (Dynamo unwraps the cache and calls the marked
+# function at trace time instead of tracing it).
+@functools.lru_cache(maxsize=4096)
+@torch.compiler.assume_constant_result
 def spec_key(spec: QuantSpec) -> str:
     """The canonical string form of ``spec`` that the ops take, e.g.
-    ``bits=2;bucket_size=512;...`` (plain string building: Dynamo traces it to a constant)."""
+    ``bits=2;bucket_size=512;...``."""
     fields = spec.to_dict()
     return ";".join(f"{name}={fields[name]}" for name in sorted(fields))
 
