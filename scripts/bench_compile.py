@@ -26,11 +26,17 @@ MiB = 2**20
 
 
 def saved_bytes(model, x, y) -> int:
+    """Bytes of the activations the compiled graph saves (parameters and the input excluded,
+    as in ``qbackprop.measure_saved_activations``), each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    params.add(x.untyped_storage().data_ptr())
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import torch
-
 
 class Rounding(str, Enum):
     """How a real value in code units becomes an integer code."""
@@ -205,12 +203,8 @@ PRESETS = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def _replaced(spec: QuantSpec, changes: tuple) -> QuantSpec:
     # Layers derive specs (wider shared copies, gate bits) in every forward: validating the
     # same derived spec again each time is measurable on small tensors.
     return dataclasses.replace(spec, **dict(changes))
-
-
-# Cached, and a constant for torch.compile (Dynamo calls it at trace time rather than tracing
-# the validation of every derived spec, in every layer).
-_replaced = torch.compiler.assume_constant_result(functools.lru_cache(maxsize=1024)(_replaced))
