@@ -413,3 +413,35 @@ def test_supported_is_traceable_by_dynamo():
         lambda x: x + 1 if tk.supported(x, 2) else x - 1, fullgraph=True, backend="eager"
     )
     assert torch.equal(fn(torch.zeros(2, 64)), torch.ones(2, 64))
+
+
+# ---- the registered ops' CUDA kernels (run here on CPU tensors under the interpreter) -------
+
+
+@pytest.mark.parametrize("preset", ["2bit-stochastic", "4bit-nearest", "8bit-nearest"])
+def test_cuda_op_kernels_take_the_triton_path_and_store_the_eager_format(preset, monkeypatch):
+    from qbackprop.quant import ops
+    from qbackprop.quant.compressed import compress_tensors
+
+    if not tk.interpreting():
+        pytest.skip("Triton's interpreter is off")
+    calls = []
+    real = tk.compress_minmax
+    monkeypatch.setattr(tk, "compress_minmax", lambda *a: calls.append(a) or real(*a))
+    spec = QuantSpec.preset(preset)
+    x = torch.randn(4, 8, 16, 16)  # 8192 elements: 16 buckets of 512
+    key = ops.spec_key(spec)
+    tensors = ops.compress_triton_or_eager(x, key, 0)
+    assert len(calls) == 1
+    eager = compress_tensors(x, spec, ops.plan_layout(tuple(x.shape), tuple(x.stride()), spec), 0)
+    assert [t.shape for t in tensors] == [t.shape for t in eager]
+    if spec.rounding.value == "nearest":
+        for got, want in zip(tensors, eager, strict=True):
+            assert torch.equal(got, want)
+    y = ops.decompress_triton_or_eager(tensors, key, 0, list(x.shape), list(x.stride()), x.dtype)
+    step = (x.max() - x.min()) / (2**spec.bits - 1)
+    assert y.shape == x.shape and (y - x).abs().max() <= step * 1.01
+    # A bucket layout the kernels do not cover (padding) takes the eager path.
+    calls.clear()
+    odd = torch.randn(1000)
+    assert len(ops.compress_triton_or_eager(odd, key, 0)) == 3 and calls == []

@@ -4,8 +4,9 @@ Registered with ``torch.library.custom_op`` and fake kernels, so ``torch.compile
 AOTAutograd, Inductor) treats each as one opaque call with known output sizes: the sizes are a
 function of the input's shape and stride, the spec and the mix count, never of the data. The
 spec travels as a canonical string key (custom ops take primitive arguments). The CPU and CUDA
-kernels are the eager torch implementation of ``compressed.py``; ``triton_kernels.py`` adds
-hand-written kernels for CUDA where they apply.
+kernels are the eager torch implementation of ``compressed.py``; on CUDA the hand-written
+Triton kernels of ``triton_kernels.py`` run instead where they apply (one kernel per tensor and
+direction), the eager implementation elsewhere.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import functools
 
 import torch
 
-from .buckets import Buckets, plan_layout
+from . import triton_kernels
+from .buckets import Buckets, flat_view, from_buckets, plan_layout
 from .compressed import compress_tensors, decompress_tensors, layout_sizes
-from .spec import QuantSpec
+from .spec import QuantSpec, Rounding, Scale
 
 
 # Cached in eager. Under torch.compile it is traced, never ``assume_constant_result``: Dynamo
@@ -76,6 +78,72 @@ def _(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
     return [x.new_empty(n, dtype=dtype) for n, dtype in layout_sizes(qspec, layout, n_mixed)]
 
 
+def _triton_layout(qspec: QuantSpec, layout: Buckets, n_mixed: int, x: torch.Tensor) -> int:
+    """The code width when the hand-written Triton kernels apply to this tensor, else 0.
+
+    They cover the common case: minmax scale, one width of 1..8 bits, the flat layout of a
+    dense tensor split into buckets of whole 64-code blocks with no padding, fp32/fp16/bf16."""
+    bits = qspec.mix_bits if n_mixed else qspec.bits
+    if (
+        qspec.scale != Scale.MINMAX
+        or 0 < n_mixed < layout.num_buckets
+        or not 1 <= bits <= 8
+        or layout.channel
+        or layout.stride is None
+        or layout.padded_numel != x.numel()
+        or layout.bucket_len % 64
+        or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    ):
+        return 0
+    return bits
+
+
+def compress_triton_or_eager(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
+    """The CUDA kernel of ``qbackprop::compress``: one Triton kernel per tensor where it
+    applies (``triton_kernels.py``; same format, nearest codes bit for bit), else eager."""
+    qspec = spec_from_key(spec)
+    layout = plan_layout(tuple(x.shape), tuple(x.stride()), qspec)
+    bits = _triton_layout(qspec, layout, n_mixed, x)
+    if bits:
+        matrix = flat_view(x, layout).view(layout.num_buckets, layout.bucket_len)
+        if triton_kernels.supported(matrix, bits):
+            # The seed is drawn on the device: the host never waits for it.
+            seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64)
+            stochastic = qspec.rounding == Rounding.STOCHASTIC
+            return list(triton_kernels.compress_minmax(matrix, bits, stochastic, seed))
+    return compress_tensors(x, qspec, layout, n_mixed)
+
+
+def _kernels_run_on(device: torch.device, layout: Buckets) -> bool:
+    if layout.bucket_len // 64 > triton_kernels.MAX_BUCKET_BLOCKS:
+        return False
+    if device.type == "cuda":
+        return triton_kernels.compiling()
+    return device.type == "cpu" and triton_kernels.interpreting()
+
+
+def decompress_triton_or_eager(
+    tensors: list[torch.Tensor],
+    spec: str,
+    n_mixed: int,
+    shape: list[int],
+    stride: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The CUDA kernel of ``qbackprop::decompress`` (see ``compress_triton_or_eager``)."""
+    qspec = spec_from_key(spec)
+    layout = _layout(qspec, shape, stride)
+    probe = torch.empty(1, dtype=dtype).expand(layout.padded_numel)  # sizes only, no memory
+    bits = _triton_layout(qspec, layout, n_mixed, probe)
+    if bits and len(tensors) == 3 and _kernels_run_on(tensors[0].device, layout):
+        packed, low, step = tensors
+        matrix = triton_kernels.decompress_minmax(
+            packed, low, step, bits, layout.num_buckets, layout.bucket_len, dtype
+        )
+        return from_buckets(matrix, layout, dtype)
+    return decompress_tensors(tensors, qspec, layout, n_mixed, dtype)
+
+
 @torch.library.custom_op("qbackprop::decompress", mutates_args=())
 def _decompress(
     tensors: list[torch.Tensor],
@@ -87,6 +155,10 @@ def _decompress(
 ) -> torch.Tensor:
     qspec = spec_from_key(spec)
     return decompress_tensors(tensors, qspec, _layout(qspec, shape, stride), n_mixed, dtype)
+
+
+_compress.register_kernel("cuda")(compress_triton_or_eager)
+_decompress.register_kernel("cuda")(decompress_triton_or_eager)
 
 
 @_decompress.register_fake
