@@ -178,8 +178,9 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def cmd_convert(args) -> int:
+    from . import allocator
     from .memory import measure_saved_activations
-    from .surgery import conversion_report
+    from .surgery import conversion_report, sharing_summary
 
     model_spec, model, x = _build_converted(args)
     report = measure_saved_activations(model, x)
@@ -209,15 +210,16 @@ def cmd_convert(args) -> int:
             "model": model_spec.to_dict(),
             "batch_size": args.batch_size,
             **{k: v for k, v in report.to_dict().items() if k != "layers"},
+            "sharing_plan": sharing_summary(model),
             "layers": layers,
         }
         print(json.dumps(out, indent=2))
         return 0
     rows = [
-        [r.name, r.module_type, r.spec.short() if r.converted else f"skipped: {r.reason}"]
+        [r.name, r.module_type, r.spec.short() if r.converted else f"skipped: {r.reason}", r.keeps]
         for r in plan
     ]
-    print(_table(rows, ["layer", "type", "plan"]))
+    print(_table(rows, ["layer", "type", "plan", "keeps"]))
     converted = sum(r.converted for r in plan)
     print(
         f"\n{model_spec.name}: {converted} of {len(plan)} layers converted; "
@@ -225,6 +227,12 @@ def cmd_convert(args) -> int:
         f" (measured): fp32 {report.fp32_bytes / MiB:.2f} MiB -> "
         f"{report.stored_bytes / MiB:.2f} MiB, ratio {report.ratio:.2f}x, "
         f"{100 * report.compressed_fraction:.1f}% of fp32 bytes compressed"
+    )
+    print(f"sharing plan: {sharing_summary(model) or 'none needed'}")
+    tuned = allocator.allocator_settings()
+    print(
+        "host allocator: "
+        + (tuned.describe() if tuned is not None else f"untouched ({allocator.why_not_tuned()})")
     )
     if args.save:
         print(f"state_dict written to {args.save} (loads into the unconverted model)")

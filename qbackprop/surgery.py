@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers  # noqa: F401  (importing registers every drop-in layer)
+from . import allocator, layers  # noqa: F401  (importing registers every drop-in layer)
 from .config import QuantConfig, as_quant_config
 from .errors import ConfigError
 from .functions import shared
@@ -167,6 +167,9 @@ def convert_model(
     setattr(model, _REPORT, rows)
     setattr(model, _CONFIG, cfg)
     setattr(model, _SHARING, sharing)
+    # Large short-lived blocks go back to the OS at once, so the process's resident memory
+    # follows the live bytes (see allocator.py; QBACKPROP_TUNE_MALLOC=0 opts out).
+    allocator.tune_host_allocator()
     return model
 
 

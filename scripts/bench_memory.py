@@ -1,7 +1,22 @@
 """Measured saved-activation memory: fp32 vs qbackprop vs per-stage checkpointing.
 
+Columns: fp32 / qbackprop MiB: saved-activation bytes (saved-tensor hooks); checkpoint MiB:
+what per-stage checkpointing saves; allocator: bytes the allocator still holds after a forward
+(hook-independent). For the first model only, training steps (SGD) of fp32 and of each spec,
+each in a fresh Python process of its own, from the very first step, as the OS sees them:
+  CPU:  step peak RSS       the process's peak resident set size over the first --step-steps
+                            steps (VmHWM, reset before the first step): imports (~0.7 GiB for
+                            torch and timm), model and steps together
+        RSS added by steps  that peak minus the RSS just before the first step
+  CUDA: max allocated       torch.cuda.max_memory_allocated over those steps (model included)
+        max reserved        torch.cuda.max_memory_reserved: what the caching allocator holds
+Each as "fp32 / qbackprop = ratio". The converted processes run with the host allocator
+tuning convert_model applies (qbackprop.allocator); fp32 with glibc's defaults, as a user's
+fp32 run has them.
+
 Example:
     python scripts/bench_memory.py                      # efficientnetv2_rw_t, batch 128, 32 px
+    python scripts/bench_memory.py --batch-size 64 --image-size 96   # the peak-RSS issue's run
     python scripts/bench_memory.py --zoo  # + resnet18/50, mobilenetv3, ... at 32 and 224 px
 """
 
@@ -9,9 +24,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
-from bench_common import build_model, checkpoint_stages, header, quiet, table
+from bench_common import (
+    build_model,
+    checkpoint_stages,
+    header,
+    quiet,
+    ratio_cell,
+    step_memory,
+    table,
+)
 from torch.profiler import ProfilerActivity, profile
 
 import qbackprop as qb
@@ -65,8 +89,19 @@ def main() -> None:
     parser.add_argument("--zoo-models", default=",".join(ZOO), help="comma-separated timm names")
     parser.add_argument("--skip-main", action="store_true", help="only the zoo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--step-steps",
+        type=int,
+        default=2,
+        help="training steps per fresh process for the step-memory columns (0: skip them)",
+    )
     args = parser.parse_args()
     quiet()
+    HEADERS.extend(
+        ["step max allocated CUDA MiB", "step max reserved CUDA MiB"]
+        if args.device.startswith("cuda")
+        else ["step peak RSS MiB", "RSS added by steps MiB"]
+    )
     print(header("saved-activation memory, measured"))
     runs = [] if args.skip_main else [(args.model, args.batch_size, args.image_size)]
     if args.zoo:
@@ -79,6 +114,10 @@ def main() -> None:
         model = build_model(name).to(args.device)
         x = torch.randn(batch, 3, size, size, device=args.device)
         ckpt = checkpoint_bytes(model, x)
+        main_run = (name, batch, size) == runs[0] and args.step_steps > 0
+        steps = functools.partial(step_memory, name, batch_size=batch, image_size=size,
+                                  device=args.device, steps=args.step_steps)  # fmt: skip
+        fp32_steps = steps(None) if main_run else None
         for label, spec in SPECS.items():
             qb.convert_model(model, spec)
             report = qb.measure_saved_activations(model, x)
@@ -95,11 +134,23 @@ def main() -> None:
                 f"{100 * report.compressed_fraction:.1f}%",
                 f"{ckpt / MiB:.1f} ({report.fp32_bytes / ckpt:.1f}x)",
                 _alloc(alloc_fp32, alloc_conv),
+                *_step_cells(fp32_steps, steps(spec) if main_run else None),
             ])  # fmt: skip
             print(table(rows[-1:], HEADERS).splitlines()[-1], flush=True)
         qb.revert_model(model)
     print()
     print(table(rows, HEADERS))
+
+
+def _step_cells(fp32, conv) -> list[str]:
+    if fp32 is None or conv is None:
+        return ["", ""]
+    if fp32.cuda_max_allocated is not None:
+        return [
+            ratio_cell(fp32.cuda_max_allocated, conv.cuda_max_allocated),
+            ratio_cell(fp32.cuda_max_reserved, conv.cuda_max_reserved),
+        ]
+    return [ratio_cell(fp32.peak_rss, conv.peak_rss), ratio_cell(fp32.added, conv.added)]
 
 
 HEADERS = [

@@ -1,7 +1,27 @@
-"""Training-step time and saved-activation memory: fp32 vs qbackprop vs per-stage checkpointing.
+"""Training-step time and memory: fp32 vs qbackprop vs per-stage checkpointing.
 
 One full step (forward, backward, AdamW step) per variant, the variants interleaved round by
-round so that they share the machine's state; medians and ratios to fp32.
+round so that they share the machine's state; medians and ratios to fp32. They also share the
+process's allocator settings: once a variant is converted, convert_model has tuned glibc malloc
+for every variant (qbackprop.allocator; its page faults cost the fp32 step time too). Run with
+QBACKPROP_TUNE_MALLOC=0 to time every variant under glibc's defaults instead.
+
+Memory columns:
+  saved activations MiB    what autograd holds for backward (measure_saved_activations)
+  On CPU, each variant measured again in a fresh Python process of its own (so that one
+  variant's heap cannot inflate another's), over its first --warmup + 1 steps from the very
+  first one, as the OS sees the process:
+    peak RSS MiB           the process's peak resident set size during those steps (VmHWM,
+                           reset before the first step); includes imports (~0.7 GiB for torch
+                           and timm), the model and its optimizer state
+    RSS added MiB          peak RSS minus the RSS just before the first step: what the steps
+                           add; its ratio to fp32 in brackets
+  On CUDA, each variant built afresh alone, after one warm-up step:
+    peak CUDA MiB          torch.cuda.max_memory_allocated of one steady-state step
+    CUDA reserved MiB      torch.cuda.max_memory_reserved of that step (what the caching
+                           allocator holds from the driver: allocated + its free cache)
+    peak above resident    peak CUDA MiB minus what the variant holds between steps
+                           (parameters, gradients, optimizer state)
 
 Example:
     python scripts/bench_step.py --models efficientnetv2_rw_t,resnet18 --batch-size 64 --rounds 5
@@ -10,16 +30,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import statistics
 import time
 
 import torch
-from bench_common import build_model, checkpoint_stages, header, quiet, table
+from bench_common import build_model, header, make_variant, quiet, step_memory, table
 
 import qbackprop as qb
-from qbackprop.quant import fused
+
+try:
+    from qbackprop.quant import fused
+except ImportError:  # no compiled compress path in this version: --fused changes nothing
+    fused = None
 
 VARIANTS = {
     "fp32": None,
@@ -29,15 +52,6 @@ VARIANTS = {
     "checkpoint per stage": "checkpoint",
 }
 MiB = 2**20
-
-
-def make_variant(base: torch.nn.Module, how: str | None) -> torch.nn.Module:
-    model = copy.deepcopy(base)
-    if how == "checkpoint":
-        return checkpoint_stages(model)
-    if how is not None:
-        qb.convert_model(model, how)
-    return model
 
 
 def step(model, opt, x, y) -> float:
@@ -52,12 +66,13 @@ def step(model, opt, x, y) -> float:
     return time.perf_counter() - start
 
 
-def peak_cuda_step(base: torch.nn.Module, how: str | None, x, y) -> tuple[int, int]:
-    """(peak, resident) CUDA bytes of one steady-state step of this variant alone.
+def peak_cuda_step(base: torch.nn.Module, how: str | None, x, y) -> tuple[int, int, int]:
+    """(peak, resident, reserved) CUDA bytes of one steady-state step of this variant alone.
 
     The variant is built afresh with nothing else on the device: ``resident`` is what it holds
     between steps (parameters, gradients, optimizer state), ``peak`` the step's
-    ``max_memory_allocated`` (resident + activations + temporaries)."""
+    ``max_memory_allocated`` (resident + activations + temporaries), ``reserved`` its
+    ``max_memory_reserved`` (peak plus what the caching allocator keeps cached)."""
     gc.collect()
     torch.cuda.empty_cache()
     model = make_variant(base, how)
@@ -67,7 +82,7 @@ def peak_cuda_step(base: torch.nn.Module, how: str | None, x, y) -> tuple[int, i
     resident = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step(model, opt, x, y)
-    return torch.cuda.max_memory_allocated(), resident
+    return torch.cuda.max_memory_allocated(), resident, torch.cuda.max_memory_reserved()
 
 
 def main() -> None:
@@ -93,14 +108,21 @@ def main() -> None:
         default="on",
         help="compiled compress kernels: on (default: the steady state of a training run; "
         "auto mode compiles them within its first steps), off (eager) or auto (the library "
-        "default, as a short run sees it)",
+        "default, as a short run sees it); ignored where qbackprop has no compiled path",
+    )
+    parser.add_argument(
+        "--no-rss",
+        action="store_true",
+        help="CPU: skip the peak RSS columns (one fresh process per variant and model)",
     )
     args = parser.parse_args()
-    fused.set_enabled({"on": True, "off": False, "auto": None}[args.fused])
+    if fused is not None:
+        fused.set_enabled({"on": True, "off": False, "auto": None}[args.fused])
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(header(f"training-step time, interleaved; fused kernels {args.fused}"))
+    headers = CUDA_HEADERS if args.device.startswith("cuda") else CPU_HEADERS
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -123,26 +145,46 @@ def main() -> None:
             # Checkpointing keeps only stage inputs, which the hooks see as the "fp32" run.
             saved[k] = report.fp32_bytes if k == "checkpoint per stage" else report.stored_bytes
         del models, opts
-        peaks = (
-            {k: peak_cuda_step(base, how, x, y) for k, how in VARIANTS.items()} if x.is_cuda else {}
-        )
+        if x.is_cuda:
+            mem = {k: peak_cuda_step(base, how, x, y) for k, how in VARIANTS.items()}
+        elif not args.no_rss:
+            mem = {k: rss_of(name, how, args) for k, how in VARIANTS.items()}
+        else:
+            mem = {}
         for k in VARIANTS:
-            peak, resident = peaks.get(k, (None, None))
             rows.append([
                 name, k, f"{medians[k] * 1e3:.0f}", f"{medians[k] / medians['fp32']:.2f}x",
                 f"{saved[k] / MiB:.1f}",
-                "" if peak is None else f"{peak / MiB:.0f}",
-                "" if peak is None else f"{(peak - resident) / MiB:.0f}",
+                *memory_cells(mem.get(k), None if k == "fp32" else mem.get("fp32"), x.is_cuda),
             ])  # fmt: skip
-            print(table(rows[-1:], HEADERS).splitlines()[-1], flush=True)
+            print(table(rows[-1:], headers).splitlines()[-1], flush=True)
     print()
-    print(table(rows, HEADERS))
+    print(table(rows, headers))
 
 
-HEADERS = [
-    "model", "variant", "step ms (median)", "vs fp32", "saved activations MiB",
-    "peak CUDA MiB", "peak above resident MiB",
-]  # fmt: skip
+def rss_of(name: str, how: str | None, args) -> tuple[int, int] | None:
+    """(peak RSS, RSS added) of the variant's first warmup + 1 steps, in a fresh process."""
+    found = step_memory(
+        name, how, args.batch_size, args.image_size, device=args.device, optimizer="adamw",
+        steps=args.warmup + 1, threads=args.threads, fused=args.fused,
+    )  # fmt: skip
+    return None if found is None else (found.peak_rss, found.added)
+
+
+def memory_cells(mem: tuple | None, fp32: tuple | None, cuda: bool) -> list[str]:
+    if mem is None:
+        return ["", ""] if not cuda else ["", "", ""]
+    if cuda:
+        peak, resident, reserved = mem
+        return [f"{peak / MiB:.0f}", f"{reserved / MiB:.0f}", f"{(peak - resident) / MiB:.0f}"]
+    peak, added = mem
+    ratio = f" ({fp32[1] / max(added, 1):.1f}x less)" if fp32 is not None else ""
+    return [f"{peak / MiB:.0f}", f"{added / MiB:.0f}{ratio}"]
+
+
+HEADERS = ["model", "variant", "step ms (median)", "vs fp32", "saved activations MiB"]
+CPU_HEADERS = [*HEADERS, "peak RSS MiB", "RSS added MiB"]
+CUDA_HEADERS = [*HEADERS, "peak CUDA MiB", "CUDA reserved MiB", "peak above resident MiB"]
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from qbackprop import allocator
 from qbackprop.errors import ConfigError, QbackpropUserError
 
 from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
@@ -113,6 +114,20 @@ def _resolve(config: RunConfig, device: torch.device) -> RunConfig:
         model = dataclasses.replace(config.model, num_classes=classes)
         config = config.replace(model=model, classes_from_data=False)
     return config
+
+
+def _memory_peaks(device: torch.device) -> dict[str, Any]:
+    """The epoch's memory peaks for metrics.csv: host RSS, and CUDA allocated/reserved."""
+    peaks: dict[str, Any] = {}
+    rss = allocator.peak_rss_bytes()
+    if rss is not None:
+        peaks["peak_rss_mib"] = round(rss / MiB, 1)
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device)
+        peaks["peak_cuda_mem_bytes"] = allocated
+        peaks["cuda_max_allocated_mib"] = round(allocated / MiB, 1)
+        peaks["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / MiB, 1)
+    return peaks
 
 
 class _Trainer:
@@ -267,16 +282,17 @@ class _Trainer:
             started = time.perf_counter()
             self.set_quant(epoch)
             _seed_epoch(self.train_loader, self.spec, epoch, self.ctx)
+            # memory peaks of the epoch's steps and evaluation (not of set_quant's measurement)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            allocator.reset_peak_rss()
             row = {"epoch": epoch + 1, **self.train_epoch(model, epoch), **self.evaluate()}
             self.best_acc = max(self.best_acc, row["test_acc"])
             row["mix_prob"] = self.quant.default.mix_prob
             row["saved_activation_bytes"] = self.memory.stored_bytes
             row["fp32_activation_bytes"] = self.memory.fp32_bytes
             row["epoch_time_s"] = time.perf_counter() - started
-            if self.device.type == "cuda":
-                row["peak_cuda_mem_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            row.update(_memory_peaks(self.device))
             if self.ctx.is_main:
                 append_metrics(self.run_dir / METRICS_NAME, row)
                 save_checkpoint(self.state(epoch + 1), self.run_dir / CHECKPOINT_NAME)
@@ -287,12 +303,19 @@ class _Trainer:
         if not self.progress:
             return
         saved, fp32 = row["saved_activation_bytes"], row["fp32_activation_bytes"]
+        rss = row.get("peak_rss_mib")
+        cuda = row.get("cuda_max_allocated_mib")
+        peaks = "" if rss is None else f" | peak RSS {rss:.0f} MiB"
+        if cuda is not None:
+            peaks += (
+                f", CUDA {cuda:.0f} MiB allocated / {row['cuda_max_reserved_mib']:.0f} reserved"
+            )
         tqdm.write(
             f"epoch {row['epoch']}/{self.spec.epochs}: train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} "
             f"acc {100 * row['test_acc']:.2f}% | lr {row['lr']:.2e} | saved activations "
             f"{saved / MiB:.2f} MiB/step ({fp32 / max(saved, 1):.1f}x less than fp32) | "
-            f"{row['step_time_s']:.3f} s/step"
+            f"{row['step_time_s']:.3f} s/step{peaks}"
         )
 
 

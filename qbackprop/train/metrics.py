@@ -1,4 +1,11 @@
-"""RUNDIR/metrics.csv: one row per epoch, appended as training goes."""
+"""RUNDIR/metrics.csv: one row per epoch, appended as training goes.
+
+Memory columns: ``peak_rss_mib`` is the process's peak resident set size during the epoch's
+training and evaluation, as the OS sees it (Linux VmHWM, reset at the start of each epoch's
+steps; where it cannot be reset, the peak since the process started). On CUDA,
+``cuda_max_allocated_mib`` / ``cuda_max_reserved_mib`` are ``torch.cuda.max_memory_allocated``
+/ ``max_memory_reserved`` over the same span (``peak_cuda_mem_bytes`` is the former in bytes).
+"""
 
 from __future__ import annotations
 
@@ -22,9 +29,19 @@ COLUMNS = (
     "step_time_s",
     "epoch_time_s",
     "peak_cuda_mem_bytes",
+    "peak_rss_mib",
+    "cuda_max_allocated_mib",
+    "cuda_max_reserved_mib",
 )
 # columns that measure the machine, not the training: they differ between identical runs
-TIMING_COLUMNS = ("step_time_s", "epoch_time_s", "peak_cuda_mem_bytes")
+TIMING_COLUMNS = (
+    "step_time_s",
+    "epoch_time_s",
+    "peak_cuda_mem_bytes",
+    "peak_rss_mib",
+    "cuda_max_allocated_mib",
+    "cuda_max_reserved_mib",
+)
 _INT_COLUMNS = ("epoch", "saved_activation_bytes", "fp32_activation_bytes", "peak_cuda_mem_bytes")
 
 
