@@ -18,11 +18,12 @@ import math
 import torch
 
 BLOCK = 64
+_GCD_WITH_8 = {b: math.gcd(b, 8) for b in range(1, 9)}
 
 
 def block_geometry(bits: int) -> tuple[int, int, int]:
     """``(code planes C, byte planes B, plane length P)`` of a 64-code block of ``bits`` codes."""
-    planes = 8 // math.gcd(bits, 8)
+    planes = 8 // _GCD_WITH_8[bits]  # a table, not math.gcd: traceable by torch.compile
     return planes, planes * bits // 8, BLOCK // planes
 
 

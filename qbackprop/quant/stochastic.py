@@ -21,7 +21,12 @@ def stochastic_round(
     Returns:
         Integral-valued codes in ``[0, levels]``, same dtype as ``u``.
     """
-    noise = torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+    # rand_like when no generator: works on symbolic shapes under torch.compile as well.
+    noise = (
+        torch.rand_like(u)
+        if generator is None
+        else torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
+    )
     q = (u + noise).floor_().clamp_(min=0)
     if isinstance(levels, torch.Tensor):
         return torch.minimum(q, levels)
