@@ -27,15 +27,18 @@ MiB = 2**20
 
 def saved_bytes(model, x, y) -> int:
     """Bytes of the activations the compiled graph saves (parameters and the input excluded,
-    as in ``qbackprop.measure_saved_activations``), each storage once."""
+    as in ``qbackprop.measure_saved_activations``), each storage once. Inductor on CPU saves
+    re-laid-out copies of conv weights for backward: tensors shaped like a parameter are
+    counted as parameters."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     params.add(x.untyped_storage().data_ptr())
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() > 1}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in params and tuple(t.shape) not in shapes:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 

@@ -227,7 +227,9 @@ def _quantize(matrix, stats, spec: QuantSpec, bits, generator):
         width = torch.as_tensor(bits, dtype=matrix.dtype, device=matrix.device)
         codes = nearest_codes(matrix, safe_step, zero_point, width)
     else:
-        codes = stochastic_round(matrix / safe_step + zero_point, levels, generator)
+        u = (matrix / safe_step).add_(zero_point)  # one temporary (in place), as below
+        codes = stochastic_round(u, levels, generator)
+        del u
     # NaN codes (only in NaN buckets) become 0 so that packing never spills into neighbours.
     return codes.nan_to_num_(0.0), tuple(m.view(-1) for m in meta)
 

@@ -22,14 +22,17 @@ def stochastic_round(
         Integral-valued codes in ``[0, levels]``, same dtype as ``u``.
     """
     # rand_like when no generator: works on symbolic shapes under torch.compile as well.
+    # rand_like when no generator: works on symbolic shapes under torch.compile as well. The
+    # noise buffer becomes the codes (in place): one full-size temporary, not three, which is
+    # what the process's resident memory and page faults pay for.
     noise = (
         torch.rand_like(u)
         if generator is None
         else torch.rand(u.shape, generator=generator, dtype=u.dtype, device=u.device)
     )
-    q = (u + noise).floor_().clamp_(min=0)
+    q = noise.add_(u).floor_().clamp_(min=0)
     if isinstance(levels, torch.Tensor):
-        return torch.minimum(q, levels)
+        return torch.minimum(q, levels, out=q)
     return q.clamp_(max=levels)
 
 
