@@ -86,3 +86,25 @@ def test_compiled_nearest_gradients_match_eager():
     compiled(x).logsumexp(dim=1).mean().backward()
     for g, e in zip((p.grad for p in model.parameters()), eager, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
+def test_a_new_batch_size_recompiles_with_symbolic_sizes():
+    # A smaller last batch makes Dynamo retrace with a dynamic batch dimension: the ops' fake
+    # kernels then compute the packed sizes symbolically.
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        BatchNormAct2d(8, act_layer=torch.nn.SiLU),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    qb.convert_model(model, "2/4-mix")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for batch in (4, 3, 5):
+        model.zero_grad(set_to_none=True)
+        compiled(torch.randn(batch, 3, 16, 16)).square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters()), batch
