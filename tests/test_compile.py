@@ -108,3 +108,36 @@ def test_a_new_batch_size_recompiles_with_symbolic_sizes():
         model.zero_grad(set_to_none=True)
         compiled(torch.randn(batch, 3, 16, 16)).square().mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters()), batch
+
+
+def test_cuda_graphs_would_accept_the_compiled_graphs():
+    # mode="reduce-overhead" records CUDA graphs; Inductor refuses graphs with a node it
+    # cannot capture (host reads, data-dependent sizes, CPU-only ops). Checked here on the
+    # forward and backward graphs AOTAutograd makes (the check needs no GPU).
+    from timm.layers import BatchNormAct2d
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        BatchNormAct2d(8, act_layer=torch.nn.SiLU),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    qb.convert_model(model, "2/4-mix")
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    compiled(torch.randn(4, 3, 16, 16)).square().mean().backward()
+    assert len(graphs) == 2  # one forward, one backward
+    for gm in graphs:
+        assert any("qbackprop" in str(node.target) for node in gm.graph.nodes)
+        assert get_first_incompatible_cudagraph_node(gm) is None
