@@ -201,6 +201,7 @@ def note_smooth_activation(recipe: Recipe) -> None:
 def forget(module: torch.nn.Module) -> None:
     module.__dict__.pop(_FEEDS, None)
     module.__dict__.pop(_SMOOTH, None)
+    module.__dict__.pop("_qbackprop_xhat_spec", None)  # derived from the plan (layers/norm.py)
 
 
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:

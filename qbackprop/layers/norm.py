@@ -14,7 +14,25 @@ class _BatchNormMixin(QuantizedModule):
     """torch's ``_BatchNorm.forward`` logic (momentum, cumulative average, eval), our Function."""
 
     def _xhat_spec(self):
-        """x̂'s spec under the sharing plan: 2·b bits (max 8) alone, or wider when shared."""
+        """x̂'s spec under the sharing plan: 2·b bits (max 8) alone, or wider when shared.
+
+        Derived once per (spec, plan) and kept on the module, so a traced forward reads it
+        instead of re-deriving (and validating) a spec in every layer."""
+        key = (
+            self.qspec,
+            self.qshare,
+            shared.feeds_converted(self),
+            shared.has_smooth_activation(self),
+        )
+        cached = self.__dict__.get("_qbackprop_xhat_spec")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = self._derive_xhat_spec()
+        if not torch.compiler.is_compiling():
+            self.__dict__["_qbackprop_xhat_spec"] = (key, spec)
+        return spec
+
+    def _derive_xhat_spec(self):
         spec = normalized_spec(self.qspec)
         if self.qshare and spec is not None and spec.enabled and shared.feeds_converted(self):
             # One copy serves BN and its consumer: see functions/shared.py.

@@ -22,15 +22,10 @@ from .compressed import compress_tensors, decompress_tensors, layout_sizes
 from .spec import QuantSpec, Rounding, Scale
 
 
-# Cached in eager. Under torch.compile it is traced, never ``assume_constant_result``: Dynamo
-# rebuilds a spec it derived during tracing (``spec.replace``) from the dataclass defaults
-# when passing it to such a function, silently (measured: bits 8 became 2).
-@functools.lru_cache(maxsize=4096)
 def spec_key(spec: QuantSpec) -> str:
     """The canonical string form of ``spec`` that the ops take, e.g.
-    ``bits=2;bucket_size=512;...``."""
-    fields = spec.to_dict()
-    return ";".join(f"{name}={fields[name]}" for name in sorted(fields))
+    ``bits=2;bucket_size=512;...`` (made once, when the spec is constructed)."""
+    return spec.key
 
 
 @functools.lru_cache(maxsize=4096)

@@ -98,6 +98,10 @@ class QuantSpec:
             object.__setattr__(self, name, enum(getattr(self, name)))
         if self.mix_prob is not None:
             object.__setattr__(self, "mix_prob", float(self.mix_prob))
+        # The canonical string the compression ops take (ops.spec_key), made once per spec:
+        # under torch.compile reading it is an attribute load, not a traced to_dict().
+        fields = self.to_dict()
+        object.__setattr__(self, "key", ";".join(f"{k}={fields[k]}" for k in sorted(fields)))
 
     @property
     def enabled(self) -> bool:
