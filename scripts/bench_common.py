@@ -143,7 +143,6 @@ def step_memory(
     optimizer: str = "sgd",
     steps: int = 2,
     threads: int | None = None,
-    fused: str | None = None,
     timeout: float = 3600,
 ) -> StepMemory | None:
     """Run ``steps`` training steps of one variant in a fresh Python process and measure them.
@@ -162,7 +161,6 @@ def step_memory(
         "optimizer": optimizer,
         "steps": steps,
         "threads": threads,
-        "fused": fused,
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--step-memory-probe", json.dumps(job)]
     try:
@@ -186,13 +184,6 @@ def _probe(job: dict) -> None:
     quiet()
     if job["threads"]:
         torch.set_num_threads(job["threads"])
-    if job["fused"] is not None:
-        try:
-            from qbackprop.quant import fused
-        except ImportError:  # the compiled path is gone: nothing to switch
-            pass
-        else:
-            fused.set_enabled({"on": True, "off": False, "auto": None}[job["fused"]])
     device = torch.device(job["device"])
     torch.manual_seed(0)
     model = make_variant(build_model(job["model"]).to(device), job["how"], copy_model=False)

@@ -39,11 +39,6 @@ from bench_common import build_model, header, make_variant, quiet, step_memory, 
 
 import qbackprop as qb
 
-try:
-    from qbackprop.quant import fused
-except ImportError:  # no compiled compress path in this version: --fused changes nothing
-    fused = None
-
 VARIANTS = {
     "fp32": None,
     "2-bit stochastic": "2bit-stochastic",
@@ -97,31 +92,21 @@ def main() -> None:
         "--warmup",
         type=int,
         default=2,
-        help="untimed steps first: the first learns which BatchNorm outputs are shared, the "
-        "second runs (and compiles) the kernels every later step uses",
+        help="untimed steps first (allocations and caches settle; the sharing plan is made "
+        "by convert_model, not by these steps)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--fused",
-        choices=["on", "off", "auto"],
-        default="on",
-        help="compiled compress kernels: on (default: the steady state of a training run; "
-        "auto mode compiles them within its first steps), off (eager) or auto (the library "
-        "default, as a short run sees it); ignored where qbackprop has no compiled path",
-    )
     parser.add_argument(
         "--no-rss",
         action="store_true",
         help="CPU: skip the peak RSS columns (one fresh process per variant and model)",
     )
     args = parser.parse_args()
-    if fused is not None:
-        fused.set_enabled({"on": True, "off": False, "auto": None}[args.fused])
     quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(header(f"training-step time, interleaved; fused kernels {args.fused}"))
+    print(header("training-step time, interleaved"))
     headers = CUDA_HEADERS if args.device.startswith("cuda") else CPU_HEADERS
     rows = []
     for name in args.models.split(","):
@@ -166,7 +151,7 @@ def rss_of(name: str, how: str | None, args) -> tuple[int, int] | None:
     """(peak RSS, RSS added) of the variant's first warmup + 1 steps, in a fresh process."""
     found = step_memory(
         name, how, args.batch_size, args.image_size, device=args.device, optimizer="adamw",
-        steps=args.warmup + 1, threads=args.threads, fused=args.fused,
+        steps=args.warmup + 1, threads=args.threads,
     )  # fmt: skip
     return None if found is None else (found.peak_rss, found.added)
 

@@ -1,6 +1,6 @@
 """Where one training step's time goes: torch.profiler tables for one model and variant.
 
-Runs warm-up steps (the fused kernels compile there), then profiles one step and prints the
+Runs warm-up steps, then profiles one step and prints the
 operators by self time (CUDA time first on a GPU), the view to read before optimizing.
 
 Example:
