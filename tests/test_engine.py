@@ -146,3 +146,16 @@ def test_every_function_refuses_double_backward(module, shape):
     assert g.shape == x.shape
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_per_tensor_mix_is_reproducible_from_torch_manual_seed():
+    spec = QuantSpec(bits=2, mix_bits=4, mix_prob=0.5, mix_granularity="tensor")
+    x = torch.randn(512 * 4)
+
+    def widths():
+        torch.manual_seed(11)
+        return [qb.compress(x, spec).row_bits() for _ in range(16)]
+
+    first = widths()
+    assert first == widths()
+    assert set(first) == {2, 4}

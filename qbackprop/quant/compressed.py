@@ -14,7 +14,6 @@ costs a device sync.
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 
@@ -234,6 +233,12 @@ def _quantize(matrix, stats, spec: QuantSpec, bits, generator):
     return codes.nan_to_num_(0.0), tuple(m.view(-1) for m in meta)
 
 
+def _host_uniform() -> float:
+    """A U[0, 1) draw from torch's *CPU* generator (so ``torch.manual_seed`` makes it
+    reproducible): a host-side read of a CPU scalar, never a device sync."""
+    return float(torch.rand(()))
+
+
 def mixed_count(spec: QuantSpec, num_buckets: int) -> int:
     """How many buckets use ``spec.mix_bits``: fixed by ``spec`` and the size for a per-bucket
     mix (``round(p * buckets)``, so packed sizes never depend on data or draws); for a
@@ -241,7 +246,7 @@ def mixed_count(spec: QuantSpec, num_buckets: int) -> int:
     if spec.mix_bits is None or not spec.mix_prob:
         return 0
     if spec.mix_granularity == MixGranularity.TENSOR:
-        return num_buckets if random.random() < spec.mix_prob else 0
+        return num_buckets if _host_uniform() < spec.mix_prob else 0
     return int(math.floor(spec.mix_prob * num_buckets + 0.5))
 
 
