@@ -118,17 +118,3 @@ def refuse_create_graph(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return guarded
-
-
-def clone_under_compile(t: torch.Tensor) -> torch.Tensor:
-    """Return ``t``, cloned when traced by ``torch.compile`` (eager mode never clones).
-
-    Our Functions run eagerly (``torch.compiler.disable``), so under ``torch.compile`` their
-    output is an *input* of the graph that resumes after them. AOTAutograd in torch 2.14 saves
-    such an input for backward and then mutates it when an in-place op whose derivative needs
-    the old value follows (``SiLU(inplace=True)``), and backward fails its version check; this
-    happens with plain torch too, for any graph break before such an op. Calling this in the
-    *same* frame as the in-place op (e.g. between an SE block's ``conv_reduce`` and ``act1``)
-    makes the mutated tensor a graph intermediate instead.
-    """
-    return t.clone() if torch.compiler.is_compiling() else t

@@ -10,7 +10,6 @@ import torch
 from timm.layers.squeeze_excite import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 
-from ..functions.autocast import clone_under_compile
 from ..functions.elementwise import quantized_mul
 from .conv import forward_override_check
 from .registry import QuantizedModule, register_swap
@@ -22,8 +21,7 @@ class QuantizedSqueezeExcite(QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_se = x.mean((2, 3), keepdim=True)
-        # A converted conv_reduce is a graph break under torch.compile; see clone_under_compile.
-        x_se = clone_under_compile(self.conv_reduce(x_se))
+        x_se = self.conv_reduce(x_se)
         x_se = self.act1(x_se)
         x_se = self.conv_expand(x_se)
         return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)
@@ -38,7 +36,7 @@ class QuantizedSEModule(QuantizedModule):
         if self.add_maxpool:
             # timm's experimental path; amax saves x itself, left to the fallback hooks.
             x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
-        x_se = clone_under_compile(self.fc1(x_se))  # see clone_under_compile
+        x_se = self.fc1(x_se)
         x_se = self.act(self.bn(x_se))
         x_se = self.fc2(x_se)
         return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)
