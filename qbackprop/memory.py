@@ -13,6 +13,7 @@ from torch import nn
 
 from .functions.fallback import add_observer, remove_observer
 from .layers.registry import QuantizedModule
+from .preserved import preserved_state
 from .quant import CompressedTensor
 from .surgery import temporarily_unconverted
 
@@ -169,23 +170,6 @@ def _run(model: nn.Module, inputs: Any) -> _Recorder:
     return recorder
 
 
-@contextlib.contextmanager
-def _preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore buffers (BN running stats), train/eval mode and RNG after measuring."""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buf, copy in buffers:
-                    buf.copy_(copy)
-            for module, training in modes:
-                module.training = training
-
-
 def measure_saved_activations(
     model: nn.Module, inputs: torch.Tensor | tuple, *, train: bool = True
 ) -> MemoryReport:
@@ -205,7 +189,7 @@ def measure_saved_activations(
         A ``MemoryReport`` with totals and one row per module that saved something.
     """
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    with _preserved_state(model):
+    with preserved_state(model):
         if train:
             model.train()
         torch.manual_seed(seed)

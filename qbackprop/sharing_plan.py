@@ -13,14 +13,13 @@ the RNG state are restored, and nothing is kept for a backward.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .functions import shared
+from .preserved import preserved_state
 
 # CNNs share the same way at any resolution: plan on small images first (fast at conversion);
 # models that need their own input size (ViT) are retried at it.
@@ -53,29 +52,13 @@ def example_inputs(model: nn.Module) -> list[torch.Tensor]:
     return [torch.randn(PLANNING_BATCH, *s, device=device, dtype=dtype) for s in shapes]
 
 
-@contextlib.contextmanager
-def _untouched(model: nn.Module) -> Iterator[None]:
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        for module, training in modes:
-            module.training = training
-
-
 def plan_sharing(model: nn.Module, example: torch.Tensor | tuple | None = None) -> tuple[bool, str]:
     """Run the planning forward; returns ``(planned, how)`` for the conversion report."""
     candidates = [example] if example is not None else example_inputs(model)
     if not candidates:
         return False, "no example input (pass example_input=): each layer keeps its own copy"
     errors = []
-    with _untouched(model):
+    with preserved_state(model):
         model.train()
         for batch in candidates:
             args = batch if isinstance(batch, tuple) else (batch,)

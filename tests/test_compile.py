@@ -26,6 +26,22 @@ def _build(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=10)
 
 
+def _small_converted() -> torch.nn.Module:
+    """Conv, BatchNorm+SiLU, conv, pool, linear at the 2/4 mix: every op family, in seconds."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        BatchNormAct2d(8, act_layer=torch.nn.SiLU),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    return qb.convert_model(model, "2/4-mix")
+
+
 def _activation_bytes(model, x) -> int:
     """Bytes of activations a (compiled) forward saves: parameters and the input excluded."""
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
@@ -91,18 +107,7 @@ def test_compiled_nearest_gradients_match_eager():
 def test_a_new_batch_size_recompiles_with_symbolic_sizes():
     # A smaller last batch makes Dynamo retrace with a dynamic batch dimension: the ops' fake
     # kernels then compute the packed sizes symbolically.
-    from timm.layers import BatchNormAct2d
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        BatchNormAct2d(8, act_layer=torch.nn.SiLU),
-        torch.nn.Conv2d(8, 8, 3, padding=1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 5),
-    )
-    qb.convert_model(model, "2/4-mix")
+    model = _small_converted()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for batch in (4, 3, 5):
         model.zero_grad(set_to_none=True)
@@ -114,7 +119,6 @@ def test_cuda_graphs_would_accept_the_compiled_graphs():
     # mode="reduce-overhead" records CUDA graphs; Inductor refuses graphs with a node it
     # cannot capture (host reads, data-dependent sizes, CPU-only ops). Checked here on the
     # forward and backward graphs AOTAutograd makes (the check needs no GPU).
-    from timm.layers import BatchNormAct2d
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
@@ -124,16 +128,7 @@ def test_cuda_graphs_would_accept_the_compiled_graphs():
         graphs.append(gm)
         return gm
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        BatchNormAct2d(8, act_layer=torch.nn.SiLU),
-        torch.nn.Conv2d(8, 8, 3, padding=1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 5),
-    )
-    qb.convert_model(model, "2/4-mix")
+    model = _small_converted()
     backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     compiled(torch.randn(4, 3, 16, 16)).square().mean().backward()
