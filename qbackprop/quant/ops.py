@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -73,7 +74,9 @@ def _(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
     return [x.new_empty(n, dtype=dtype) for n, dtype in layout_sizes(qspec, layout, n_mixed)]
 
 
-def _triton_layout(qspec: QuantSpec, layout: Buckets, n_mixed: int, x: torch.Tensor) -> int:
+def _triton_layout(
+    qspec: QuantSpec, layout: Buckets, n_mixed: int, numel: int, dtype: torch.dtype
+) -> int:
     """The code width when the hand-written Triton kernels apply to this tensor, else 0.
 
     They cover the common case: minmax scale, one width of 1..8 bits, the flat layout of a
@@ -85,9 +88,9 @@ def _triton_layout(qspec: QuantSpec, layout: Buckets, n_mixed: int, x: torch.Ten
         or not 1 <= bits <= 8
         or layout.channel
         or layout.stride is None
-        or layout.padded_numel != x.numel()
+        or layout.padded_numel != numel
         or layout.bucket_len % 64
-        or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        or dtype not in (torch.float32, torch.float16, torch.bfloat16)
     ):
         return 0
     return bits
@@ -98,7 +101,7 @@ def compress_triton_or_eager(x: torch.Tensor, spec: str, n_mixed: int) -> list[t
     applies (``triton_kernels.py``; same format, nearest codes bit for bit), else eager."""
     qspec = spec_from_key(spec)
     layout = plan_layout(tuple(x.shape), tuple(x.stride()), qspec)
-    bits = _triton_layout(qspec, layout, n_mixed, x)
+    bits = _triton_layout(qspec, layout, n_mixed, x.numel(), x.dtype)
     if bits:
         matrix = flat_view(x, layout).view(layout.num_buckets, layout.bucket_len)
         if triton_kernels.supported(matrix, bits):
@@ -128,8 +131,7 @@ def decompress_triton_or_eager(
     """The CUDA kernel of ``qbackprop::decompress`` (see ``compress_triton_or_eager``)."""
     qspec = spec_from_key(spec)
     layout = _layout(qspec, shape, stride)
-    probe = torch.empty(1, dtype=dtype).expand(layout.padded_numel)  # sizes only, no memory
-    bits = _triton_layout(qspec, layout, n_mixed, probe)
+    bits = _triton_layout(qspec, layout, n_mixed, math.prod(shape), dtype)
     if bits and len(tensors) == 3 and _kernels_run_on(tensors[0].device, layout):
         packed, low, step = tensors
         matrix = triton_kernels.decompress_minmax(

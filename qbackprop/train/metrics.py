@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any
 
 METRICS_NAME = "metrics.csv"
+# columns that measure the machine, not the training: they differ between identical runs
+TIMING_COLUMNS = (
+    "step_time_s",
+    "epoch_time_s",
+    "peak_cuda_mem_bytes",
+    "peak_rss_mib",
+    "cuda_max_allocated_mib",
+    "cuda_max_reserved_mib",
+)
 COLUMNS = (
     "epoch",
     "train_loss",
@@ -26,21 +35,7 @@ COLUMNS = (
     "mix_prob",
     "saved_activation_bytes",
     "fp32_activation_bytes",
-    "step_time_s",
-    "epoch_time_s",
-    "peak_cuda_mem_bytes",
-    "peak_rss_mib",
-    "cuda_max_allocated_mib",
-    "cuda_max_reserved_mib",
-)
-# columns that measure the machine, not the training: they differ between identical runs
-TIMING_COLUMNS = (
-    "step_time_s",
-    "epoch_time_s",
-    "peak_cuda_mem_bytes",
-    "peak_rss_mib",
-    "cuda_max_allocated_mib",
-    "cuda_max_reserved_mib",
+    *TIMING_COLUMNS,
 )
 _INT_COLUMNS = ("epoch", "saved_activation_bytes", "fp32_activation_bytes", "peak_cuda_mem_bytes")
 
