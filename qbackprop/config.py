@@ -17,7 +17,17 @@ import yaml
 from qbackprop.errors import ConfigError
 from qbackprop.quant.spec import PRESETS, QuantSpec, spec_errors
 
-FAMILIES = ("conv", "linear", "batchnorm", "norm", "activation", "elementwise", "pool")
+FAMILIES = (
+    "conv",
+    "linear",
+    "batchnorm",
+    "norm",
+    "activation",
+    "elementwise",
+    "pool",
+    "attention",
+    "dropout",
+)
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("model", "quant", "train")
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))

@@ -97,3 +97,50 @@ def _mul_with_saved(
     if sources and all(s is not None for s in sources):
         shared.tag(out, shared.product(sources[0], sources[1], out.dtype))
     return out
+
+
+class ScaleFunction(QFunction):
+    """``x * gamma`` for a learned per-channel ``gamma`` (LayerScale): ``x`` saved compressed,
+    ``gamma`` (a Parameter, already held by the model) exactly.
+
+    Backward: ``dx = δ·gamma`` (exact), ``dgamma = Σ δ·x̃`` over the broadcast dims; at ``spec``
+    None or 32 bits both equal torch's ``MulBackward``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, spec: QuantSpec | None):
+        out = x * gamma
+        need_x, need_gamma = ctx.needs_input_grad[:2]
+        save_for_backward(
+            ctx, [(x if need_gamma else None, spec)], exact=[gamma if need_x else None]
+        )
+        ctx.meta = (x.shape, x.dtype, gamma.shape, gamma.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_shape, x_dtype, gamma_shape, gamma_dtype = ctx.meta
+        with autocast_disabled(grad.device.type):
+            (x,), (gamma,) = load_saved(ctx)
+            grad_x = grad_gamma = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad * gamma).sum_to_size(x_shape).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_gamma = (grad * x).sum_to_size(gamma_shape).to(gamma_dtype)
+        return grad_x, grad_gamma, None
+
+
+def quantized_scale(
+    x: torch.Tensor, gamma: torch.Tensor, *, spec: QuantSpec | None = None
+) -> torch.Tensor:
+    """``x * gamma`` (LayerScale) whose saved ``x`` is compressed by ``spec``.
+
+    Args:
+        x: the activation, channels broadcast against ``gamma``.
+        gamma: the learned scale, e.g. ``(C,)`` or ``(1, C, 1, 1)``; kept exact.
+        spec: how the saved ``x`` is compressed; None or 32 bits keeps it exact.
+    """
+    if not (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad)):
+        return x * gamma
+    with autocast_disabled(x.device.type):
+        return ScaleFunction.apply(x, gamma, spec)

@@ -17,6 +17,11 @@ from torch import nn
 from ..quant import CompressedTensor, QuantSpec, compress
 from .saved import is_handled
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
 # Observers see what the innermost saved-tensor hook stores: an outer hook (e.g. a memory
 # measurement) is shadowed by ours while a converted forward runs, so we report to it.
 _OBSERVERS: list[Callable[[torch.Tensor | CompressedTensor], None]] = []
@@ -120,6 +125,17 @@ class FallbackCompressor:
         return obj.ct.decompress() if isinstance(obj, _Packed) else obj
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    # FSDP2 holds parameters as DTensors between forwards (a wrapper without a storage of its
+    # own); the unsharded parameters it gathers per block are nn.Parameters, which ``pack``
+    # never compresses.
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class FallbackScope:
     """Forward pre/post hooks on a root module that enter/leave the fallback hooks."""
 
@@ -145,7 +161,7 @@ class FallbackScope:
             return
         # Read at every forward: `.to(device)` after conversion moves parameters and buffers.
         tensors = [*module.parameters(), *module.buffers()]
-        self.compressor.keep = {t.untyped_storage().data_ptr() for t in tensors}
+        self.compressor.keep = {_data_ptr(t) for t in tensors if not _is_sharded(t)}
         hooks = torch.autograd.graph.saved_tensors_hooks(
             self.compressor.pack, self.compressor.unpack
         )

@@ -1,3 +1,13 @@
 """Drop-in layers; importing this package registers every swap in the registry."""
 
-from . import activation, conv, layer_norm, linear, norm, pool, squeeze_excite  # noqa: F401
+from . import (  # noqa: F401
+    activation,
+    attention,
+    conv,
+    layer_norm,
+    linear,
+    norm,
+    pool,
+    regularize,
+    squeeze_excite,
+)
