@@ -43,6 +43,13 @@ def example_inputs(model: nn.Module) -> list[torch.Tensor]:
     if conv is not None:
         dims = conv.weight.dim() - 2
         shapes.append((conv.in_channels, *[PLANNING_IMAGE_SIZE] * dims))
+        # A ViT / Swin built for another size says so (timm's patch_embed, torchvision's ViT).
+        fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        fixed = fixed or getattr(model, "image_size", None)
+        if isinstance(fixed, int):
+            fixed = (fixed,) * dims
+        if fixed is not None and len(fixed) == dims:
+            shapes.append((conv.in_channels, *fixed))
         if size is not None and len(size) == dims + 1:
             shapes.append(tuple(size))
     else:

@@ -1,4 +1,4 @@
-"""Drop-in attention layers: timm ``Attention``, Swin ``WindowAttention``, ``nn.MultiheadAttention``.
+"""Drop-in attention: timm ``Attention``, Swin ``WindowAttention``, ``nn.MultiheadAttention``.
 
 Each reproduces its module's forward step for step, with the attention core (SDPA or the
 explicit softmax) replaced by ``quantized_attention``, which keeps compressed q, k, v instead
