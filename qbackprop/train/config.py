@@ -30,6 +30,7 @@ from .data import DataSpec, data_spec_errors
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 # DataSpec field -> its key in the train: section
 _DATA_KEYS = {
@@ -97,6 +98,9 @@ class TrainSpec:
         mix_prob_schedule: null keeps ``quant.default.mix_prob``; a number or
             ``{start, end}`` sets it per epoch (linear), needs ``quant.default.mix_bits``.
         max_steps_per_epoch: stop each epoch after this many steps (smoke tests); null: all.
+        distributed: under torchrun, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2
+            ``fully_shard`` per block, then the whole model: parameters, gradients and
+            optimizer state sharded across processes). Ignored in a single process.
 
     Raises:
         ConfigError: listing every invalid field and what is allowed.
@@ -127,6 +131,7 @@ class TrainSpec:
     workers: int = 0
     mix_prob_schedule: MixProbSchedule | None = None
     max_steps_per_epoch: int | None = None
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.amp is False:  # YAML 1.1 reads a bare `off` as false
@@ -225,6 +230,7 @@ def train_spec_errors(spec: Any, loc: str = "train") -> list[str]:
     problems += _choice_errors(spec, loc, "optimizer", OPTIMIZERS)
     problems += _choice_errors(spec, loc, "schedule", SCHEDULES)
     problems += _choice_errors(spec, loc, "amp", AMP_MODES)
+    problems += _choice_errors(spec, loc, "distributed", DISTRIBUTED)
     problems += _choice_errors(spec, loc, "device", DEVICES)
     problems += _number_errors(spec, loc, "lr", 0.0, None)
     problems += _number_errors(spec, loc, "min_lr", 0.0, None)

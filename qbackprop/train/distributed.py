@@ -86,3 +86,55 @@ def barrier(ctx: DistContext) -> None:
     """Wait for every process (a no-op for one process)."""
     if ctx.distributed:
         dist.barrier()
+
+
+def shard_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every child of the model's top-level stage containers (timm's
+    ``blocks`` / ``stages`` / ResNet's ``layer1``..; each a unit that all-gathers its
+    parameters for its own forward and frees them after), then the model itself; in place.
+
+    A converted model shards like any other: the drop-ins keep the original Parameters, and
+    the fallback hooks never touch the sharded DTensors.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)):
+            for block in child:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The unsharded model and optimizer state (on CPU) of an FSDP2 model; every rank calls it.
+
+    The checkpoint then loads into an unsharded model or another world size like any other.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict
+) -> None:
+    """Inverse of ``full_state``: scatter a full checkpoint into an FSDP2 model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)

@@ -26,7 +26,15 @@ from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_sta
 from .config import RunConfig, TrainSpec
 from .conversion import apply_quant, measure_memory, quant_for_epoch
 from .data import build_loaders, num_classes
-from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    full_state,
+    init_distributed,
+    load_full_state,
+    shard_blocks,
+)
 from .metrics import METRICS_NAME, append_metrics, read_metrics, truncate_metrics
 from .rundir import check_resumable, write_config
 from .schedule import build_optimizer, build_scheduler
@@ -147,22 +155,32 @@ class _Trainer:
         self.steps = min(steps, self.spec.max_steps_per_epoch or steps)
         torch.manual_seed(self.spec.seed)  # same initial weights for every rank and rerun
         self.model = config.model.build().to(self.device)
+        self.quant = None
+        self.memory = None
+        self.fsdp = ctx.distributed and self.spec.distributed == "fsdp"
+        if self.fsdp:
+            # Converted (and measured) before sharding; the optimizer then holds the shards.
+            self.set_quant(0)
+            shard_blocks(self.model)
         self.optimizer = build_optimizer(self.model, self.spec)
         self.scheduler = build_scheduler(self.optimizer, self.spec, self.steps)
         enabled = self.spec.amp == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=enabled)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.spec.label_smoothing)
         self.start_epoch, self.best_acc = 0, 0.0
-        self.quant = None
-        self.memory = None
 
     # --- state ------------------------------------------------------------------------------
 
     def state(self, epoch: int) -> dict[str, Any]:
+        """The checkpoint; under FSDP every rank must call it (it gathers the shards)."""
+        if self.fsdp:
+            model_state, optim_state = full_state(self.model, self.optimizer)
+        else:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         return {
             "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -172,8 +190,11 @@ class _Trainer:
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The optimizer restored the lr of the run's last step; recompute it from the schedule,
         # which depends on train.epochs (a resume may extend them).
@@ -275,7 +296,7 @@ class _Trainer:
 
     def run(self) -> None:
         model = self.model
-        if self.ctx.distributed:
+        if self.ctx.distributed and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         for epoch in range(self.start_epoch, self.spec.epochs):
@@ -293,9 +314,10 @@ class _Trainer:
             row["fp32_activation_bytes"] = self.memory.fp32_bytes
             row["epoch_time_s"] = time.perf_counter() - started
             row.update(_memory_peaks(self.device))
+            state = self.state(epoch + 1) if self.fsdp or self.ctx.is_main else None
             if self.ctx.is_main:
                 append_metrics(self.run_dir / METRICS_NAME, row)
-                save_checkpoint(self.state(epoch + 1), self.run_dir / CHECKPOINT_NAME)
+                save_checkpoint(state, self.run_dir / CHECKPOINT_NAME)
                 self.log(row)
             barrier(self.ctx)
 
