@@ -32,7 +32,14 @@ ZOO = (
     "mobilenetv3_large_100",
     "convnext_atto",
     "regnetx_002",
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
 )
+# Transformers at the digits' 32x32: 4x4 patches (64 tokens), Swin with 4x4 windows.
+MODEL_KWARGS = {
+    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 4},
+    "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 4},
+}
 HEADERS = ["model", "spec", "variance ratio", "bias (mean of K)", "ideal bias", "memory"]
 
 
@@ -56,7 +63,7 @@ def main() -> None:
     rows, results = [], []
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = build_model(name, drop_rate=0.0, drop_path_rate=0.0)
+        model = build_model(name, drop_rate=0.0, drop_path_rate=0.0, **MODEL_KWARGS.get(name, {}))
         path = os.path.join(args.cache, f"{name}.pt") if args.cache else None
         if path and os.path.exists(path):
             model.load_state_dict(torch.load(path))
@@ -68,9 +75,8 @@ def main() -> None:
         for label in tqdm(args.specs.split(","), desc=name, leave=False):
             cfg = {"default": SPECS[label]}
             rep = qb.measure_fidelity(model, cfg, data, draws=args.draws, by=None)
-            mem = qb.measure_saved_activations(
-                qb.convert_model(copy.deepcopy(model), cfg), data[0][0]
-            )
+            converted = qb.convert_model(copy.deepcopy(model), cfg, example_input=data[0][0][:2])
+            mem = qb.measure_saved_activations(converted, data[0][0])
             row = [name, label, f"{rep.ratio:.4g}", f"{rep.bias:.3g}", f"{rep.ideal_bias:.3g}",
                    f"{mem.ratio:.2f}x"]  # fmt: skip
             rows.append(row)

@@ -18,12 +18,14 @@ MODELS = {
     "convnext_atto": "aot_eager",
     "mobilenetv3_large_100": "aot_eager",
     "efficientnetv2_rw_t": "eager",
+    "vit_tiny_patch16_224": "aot_eager",  # the attention Function, LayerNorm sharing off
 }
+KWARGS = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2}}
 
 
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=10)
+    return timm.create_model(name, pretrained=False, num_classes=10, **KWARGS.get(name, {}))
 
 
 def _small_converted() -> torch.nn.Module:

@@ -50,7 +50,7 @@ class LayerNormFunction(QFunction):
     """``F.layer_norm`` over the last ``len(normalized_shape)`` dims, saving a compressed x̂."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps, spec):
+    def forward(ctx, x, normalized_shape, weight, bias, eps, spec, sources):
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.normalized_shape = list(normalized_shape)
         ctx.param_dtype = _param_dtype(weight, bias, x)
@@ -59,7 +59,9 @@ class LayerNormFunction(QFunction):
             save_for_backward(ctx, [(x, None)], exact=[weight, bias, mean, rstd])
             return out
         xhat = ((x.float() - mean.float()) * rstd.float()).to(x.dtype)
-        save_for_backward(ctx, [(xhat, spec)], exact=[weight, rstd])
+        saved = save_for_backward(ctx, [(xhat, spec)], exact=[weight, rstd])
+        if sources is not None:
+            sources.extend(saved)  # the caller tags the output (see functions/shared.py)
         return out
 
     @staticmethod
@@ -71,7 +73,7 @@ class LayerNormFunction(QFunction):
             grads = torch.ops.aten.native_layer_norm_backward(
                 grad, saved, ctx.normalized_shape, mean, rstd, weight, bias, list(needs)
             )
-            return grads[0], None, grads[1], grads[2], None, None
+            return grads[0], None, grads[1], grads[2], None, None, None
         weight, rstd = exact
         k = len(ctx.normalized_shape)
         dims = list(range(grad.dim() - k, grad.dim()))
@@ -84,7 +86,7 @@ class LayerNormFunction(QFunction):
         grad_weight, grad_bias = _affine_grads(
             g, xhat, lead, needs, ctx.normalized_shape, ctx.param_dtype
         )
-        return grad_input, None, grad_weight, grad_bias, None, None
+        return grad_input, None, grad_weight, grad_bias, None, None, None
 
 
 class GroupNormFunction(QFunction):
@@ -154,13 +156,18 @@ def layer_norm(
     bias: torch.Tensor | None,
     eps: float,
     spec: QuantSpec | None,
+    sources: list | None = None,
 ) -> torch.Tensor:
-    """Drop-in for ``F.layer_norm`` whose saved x̂ is compressed (at ``normalized_spec(spec)``)."""
+    """Drop-in for ``F.layer_norm`` whose saved x̂ is compressed (at ``normalized_spec(spec)``).
+
+    ``sources``, when given, receives the recipe of the saved x̂ (for the caller to tag the
+    output with, see ``functions/shared.py``); it stays empty when nothing is compressed.
+    """
     if x.numel() == 0 or not records_grad(x, weight, bias):
         return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     x, weight, bias = _autocast_fp32(x, weight, bias)
     spec = normalized_spec(spec)
-    return LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, eps, spec)
+    return LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, eps, spec, sources)
 
 
 def group_norm(

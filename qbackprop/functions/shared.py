@@ -1,6 +1,6 @@
 """Saved activations shared between layers: an output rebuilt from what its producer keeps.
 
-A converted BatchNorm keeps x̂ for its own backward; its output ``x̂·w + b`` (after the
+A converted BatchNorm (or LayerNorm) keeps x̂ for its own backward; its output ``x̂·w + b`` (after the
 activation of a ``BatchNormAct2d``, or of a following converted activation module) is exactly
 what the next convolution, linear or squeeze-excite layer saves again. Instead, the output
 tensor carries a ``Recipe``: the packed tensors autograd already keeps for the producer plus a
@@ -262,6 +262,29 @@ def affine(
                 y = y * weight.float().view(shape)
             if bias is not None:
                 y = y + bias.float().view(shape)
+        return y
+
+    return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)
+
+
+def trailing_affine(
+    xhat: Recipe,
+    params: tuple[torch.Tensor | None, ...],
+    dtype: torch.dtype,
+    ready: bool,
+    producer: torch.nn.Module,
+    promise: float | None = None,
+) -> Recipe:
+    """The recipe of a LayerNorm output ``x̂·w + b`` (``w``, ``b`` over the trailing dims)."""
+    inner = xhat.build
+
+    def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
+        y = inner(values, []).float()
+        weight, bias = exact
+        if weight is not None:
+            y = y * weight.float()
+        if bias is not None:
+            y = y + bias.float()
         return y
 
     return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)

@@ -8,6 +8,7 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from torch import nn
 
+from ..functions import shared
 from ..functions.layer_norm import group_norm, layer_norm
 from ..functions.norm import normalized_spec
 from .registry import QuantizedModule, register_swap
@@ -15,19 +16,37 @@ from .registry import QuantizedModule, register_swap
 
 class _NormSaves(QuantizedModule):
     def saves(self) -> str:
-        return f"x̂ at {normalized_spec(self.qspec).bits}b"
+        note = f"x̂ at {normalized_spec(self.qspec).bits}b"
+        if self.qshare and shared.feeds_converted(self):
+            return f"{note}, shared with its consumer"
+        return note
 
 
 @register_swap(TimmLayerNorm, "norm")
 @register_swap(nn.LayerNorm, "norm")
 class QuantizedLayerNorm(_NormSaves):
     """LayerNorm over the trailing ``normalized_shape`` (torch's and timm's, whose forward is
-    the same ``F.layer_norm`` unless timm's optional fast-norm kernels are switched on)."""
+    the same ``F.layer_norm`` unless timm's optional fast-norm kernels are switched on).
+
+    Its output (a transformer block's ``norm1`` → ``qkv``, ``norm2`` → ``fc1``) is shared with
+    the converted layer that consumes it, as a BatchNorm's is: that layer rebuilds its input
+    from the x̂ kept here (2·b bits) instead of keeping a b-bit copy of its own.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, self.qspec
+        spec = self.qspec
+        sources = [] if self.qshare and spec is not None and spec.enabled else None
+        out = layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, spec, sources
         )
+        if sources and sources[0] is not None:
+            ready = shared.feeds_converted(self)
+            promise = shared.leaf_bits(normalized_spec(spec))
+            recipe = shared.trailing_affine(
+                sources[0], (self.weight, self.bias), out.dtype, ready, self, promise
+            )
+            shared.tag(out, recipe)
+        return out
 
 
 @register_swap(TimmLayerNorm2d, "norm")
