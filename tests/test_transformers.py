@@ -289,3 +289,32 @@ def test_vit_gradients_faithful_at_8_and_4_bits():
     four = qb.measure_fidelity(model, "4bit-stochastic", batches, draws=2, by=None)
     assert nearest.ratio < 0.01
     assert four.ratio < 0.1
+
+
+def test_layer_norm_output_is_shared_with_its_consumer():
+    x = torch.randn(4, 3, 32, 32)
+    shared = qb.convert_model(TRANSFORMERS["vit_tiny"][0](), "2bit-stochastic")
+    own = qb.convert_model(TRANSFORMERS["vit_tiny"][0](), {"default": {"bits": 2}, "share": False})
+    keeps = {r.name: r.keeps for r in qb.conversion_report(shared)}
+    assert keeps["blocks.0.norm1"] == "x̂ at 4b, shared with its consumer"
+    assert keeps["blocks.0.norm2"] == "x̂ at 4b, shared with its consumer"
+    assert keeps["norm"] == "x̂ at 4b"  # the class token is sliced out first: not shared
+    saved = qb.measure_saved_activations(shared, x).stored_bytes
+    assert saved < 0.95 * qb.measure_saved_activations(own, x).stored_bytes
+    shared(x).sum().backward()  # the rebuilt inputs give finite gradients
+    assert all(torch.isfinite(p.grad).all() for p in shared.parameters() if p.grad is not None)
+
+
+def test_a_linear_fed_one_vector_per_sample_keeps_it_at_8_bits():
+    model = qb.convert_model(TRANSFORMERS["vit_tiny"][0](), "2bit-stochastic")
+    keeps = {r.name: r.keeps for r in qb.conversion_report(model)}
+    assert keeps["head"] == "input at 8b (one vector per sample)"  # (B, 192) class tokens
+    assert keeps["blocks.0.mlp.fc1"] == ""  # (B, N, 192) tokens: the preset's 2 bits
+    x = torch.randn(16, 3, 32, 32)
+    exact = qb.revert_model(copy.deepcopy(model))
+    grads = []
+    for m in (exact, model):
+        m.zero_grad()
+        m(x).logsumexp(1).sum().backward()
+        grads.append(m.head.weight.grad)
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05

@@ -202,6 +202,7 @@ def forget(module: torch.nn.Module) -> None:
     module.__dict__.pop(_FEEDS, None)
     module.__dict__.pop(_SMOOTH, None)
     module.__dict__.pop("_qbackprop_xhat_spec", None)  # derived from the plan (layers/norm.py)
+    module.__dict__.pop("_qbackprop_input_spec", None)  # ... (layers/linear.py)
 
 
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
