@@ -318,3 +318,33 @@ def test_a_linear_fed_one_vector_per_sample_keeps_it_at_8_bits():
         m(x).logsumexp(1).sum().backward()
         grads.append(m.head.weight.grad)
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05
+
+
+VIT_CONFIG = """\
+model:
+  name: vit_tiny_patch16_224
+  input_size: [3, 16, 16]
+  kwargs: {img_size: 16, patch_size: 8, depth: 2}
+quant:
+  default: 2bit-stochastic
+train:
+  dataset: digits
+  device: cpu
+"""
+
+
+def test_fidelity_cli_on_a_vit(tmp_path, capsys):
+    import json
+
+    from qbackprop.cli import main
+
+    path = tmp_path / "vit.yaml"
+    path.write_text(VIT_CONFIG)
+    fast = ["--warmup-steps", "2", "--draws", "2", "--batch-size", "8", "--json"]
+    code = main(["fidelity", str(path), *fast])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    groups = {g["name"]: g["ratio"] for g in data["groups"]}
+    assert {"attention", "linear", "norm", "activation"} <= set(groups)
+    assert data["ratio"] is not None and data["ratio"] > 0
