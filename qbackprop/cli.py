@@ -22,6 +22,8 @@ EPILOG = """commands:
   memory    the per-block memory table (stem, blocks.N, head, classifier), optional PNG
   fidelity  how much gradient noise the compression adds vs fp32 SGD noise (after a short
             fp32 warm-up on the config's data), total and per family / block / layer
+  tune      per-layer bits from measured sensitivity under a memory budget, written as a
+            config (--budget 2.1 bits | 15x | 24MiB)
   validate  check a config and its model without running anything heavy
   train     train a model (dataset, schedule, AMP, seeds from the train: section)
   sweep     bit-width / rounding / bucket / mix sweeps and the layer-sensitivity study
@@ -32,6 +34,7 @@ examples:
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --json > plan.json
   qbackprop memory configs/efficientnetv2_cifar10_2bit.yaml --plot memory.png
   qbackprop fidelity configs/digits_demo.yaml --by block --plot fidelity.png
+  qbackprop tune configs/digits_demo.yaml --budget 2 --out tuned.yaml
   qbackprop validate configs/per_layer_example.yaml
   qbackprop train configs/digits_demo.yaml --out runs/demo train.epochs=3
   qbackprop sweep configs/digits_demo.yaml --bits 2,4,32 --seeds 3 --out runs/sweep
@@ -112,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fidelity_cli import add_fidelity_parser
     from .train.cli_commands import add_train_parsers
+    from .tune_cli import add_tune_parser
 
     add_fidelity_parser(sub)
+    add_tune_parser(sub)
     add_train_parsers(sub)
     return parser
 

@@ -77,6 +77,38 @@ def fidelity_bar_chart(report: FidelityReport, path: str | Path, title: str = ""
     return _save(plt, fig, path)
 
 
+def tune_bits_chart(model, result, path: str | Path, title: str = "") -> Path:
+    """Bars of the average bits per block chosen by ``qbackprop tune`` (weighted by the bytes
+    each layer keeps), with the budget's average width as a line.
+
+    Args:
+        model: the (unconverted) model, for its block names.
+        result: what ``qbackprop.tune.tune`` returned.
+        path: the PNG to write.
+        title: the figure title.
+    """
+    from .blocks import block_namer
+
+    plt = _pyplot()
+    name_of = block_namer(model)
+    weight: dict[str, float] = {}
+    bits: dict[str, float] = {}
+    for c in result.layers:
+        block = name_of(c.name)
+        w = max(c.predicted_bytes, 1.0)
+        weight[block] = weight.get(block, 0.0) + w
+        bits[block] = bits.get(block, 0.0) + w * c.average_bits
+    names = list(weight)
+    values = [bits[n] / weight[n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    ax.bar(range(len(names)), values, color="C0")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_ylabel("average bits (weighted by saved bytes)")
+    ax.set_ylim(0, 8.5)
+    ax.set_title(title or "bits per block")
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)

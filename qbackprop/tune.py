@@ -378,16 +378,25 @@ def tune(
     family = {r.name: r.family for r in rows}
     # A layer that keeps nothing of its own at any width (it rebuilds its input from a shared
     # producer) follows the default: its width only decides whether it may share.
-    tuned = [n for n in family if n in table and any(table[n].values())]
-    fixed = sum(max(table[n].values()) for n in table if n not in tuned)
+    # A layer whose bytes do not change with the width (a ReLU's 1-bit mask, a classifier
+    # input held at 8 bits, a consumer rebuilding its input from a shared producer) has
+    # nothing to tune: it follows the default.
+    tuned = [n for n in family if n in table and len(set(table[n].values())) > 1]
+    fixed = sum(table[n][PROBE_BITS] for n in table if n not in tuned)
     sens = sensitivities(model, cfg, batches[0], tuned, draws=draws, progress=progress)
     sub = {n: table[n] for n in tuned}
     noise = {n: noise_table(sens[n], sub[n], elements[n]) for n in tuned}
     target = budget_bytes - fixed
     try:
         bits = solve(noise, sub, target)
-    except ValueError as exc:
-        raise QbackpropUserError(f"budget {budget}: {exc}") from None
+    except ValueError:
+        least = fixed + sum(sub[n][MIN_BITS] for n in tuned)
+        n_elements = sum(elements.values())
+        raise QbackpropUserError(
+            f"--budget {budget} ({budget_bytes / MiB:.3f} MiB) cannot be met: every layer at "
+            f"{MIN_BITS} bit still keeps {least / MiB:.3f} MiB ({8 * least / n_elements:.2f} "
+            f"bits per element, {fp32_bytes / least:.1f}x less than fp32); ask for at least that"
+        ) from None
     for _ in range(MAX_ROUNDS):
         choices = _choices(bits, sens, noise, sub, family)
         tuned_cfg = _config(cfg, choices)

@@ -1,0 +1,140 @@
+"""``qbackprop tune``: the budget parser, the solver, the tuned config and the command."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import qbackprop as qb
+from qbackprop.cli import main
+from qbackprop.config import QuantConfig
+from qbackprop.errors import QbackpropUserError
+from qbackprop.tune import Budget, noise_table, parse_budget, solve, tune
+
+
+def test_parse_budget_kinds_and_errors():
+    assert parse_budget("2.1") == Budget("bits", 2.1)
+    assert parse_budget(3) == Budget("bits", 3.0)
+    assert parse_budget("15x") == Budget("ratio", 15.0)
+    assert parse_budget(" 24MiB ") == Budget("mib", 24.0)
+    assert Budget("ratio", 4).bytes(1000, 250) == 250
+    assert Budget("bits", 2).bytes(1000, 250) == 62.5
+    for bad in ("", "abc", "-2", "0x", "2 GB"):
+        with pytest.raises(ValueError, match="expected average bits"):
+            parse_budget(bad)
+
+
+def _tables(sensitivity, per_bit=100):
+    # bytes grow `per_bit` per bit (plus 10 of metadata); noise as GACT's C·4^-b
+    table = {n: {k: 10 + per_bit * k for k in range(1, 9)} for n in sensitivity}
+    noise = {n: noise_table(c * 4.0**-2, table[n], 8 * per_bit) for n, c in sensitivity.items()}
+    return table, noise
+
+
+def test_solver_meets_the_budget_exactly_and_gives_sensitive_layers_more_bits():
+    sensitivity = {"a": 1.0, "b": 10.0, "c": 100.0, "d": 1000.0}
+    table, noise = _tables(sensitivity)
+    budget = sum(table[n][3] for n in table) + 37  # between widths: one layer gets a mix
+    bits = solve(noise, table, budget)
+    used = sum(
+        table[n][int(b)] + (b - int(b)) * (table[n][min(int(b) + 1, 8)] - table[n][int(b)])
+        for n, b in bits.items()
+    )
+    assert used == pytest.approx(budget)
+    order = [bits[n] for n in ("a", "b", "c", "d")]
+    assert order == sorted(order) and order[0] < order[-1]  # monotone in the sensitivity
+    assert sum(b != int(b) for b in bits.values()) <= 1  # at most one two-bit mix
+    # 10x the noise is worth log4(10) ≈ 1.66 more bits
+    assert bits["d"] - bits["a"] == pytest.approx(3 * 1.66, abs=1.0)
+
+
+def test_solver_refuses_a_budget_below_one_bit_everywhere():
+    table, noise = _tables({"a": 1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="below every layer at 1 bit"):
+        solve(noise, table, sum(table[n][1] for n in table) - 1)
+
+
+def test_noise_table_reads_the_stored_width_off_the_bytes():
+    flat = noise_table(1.0, {k: 500 for k in range(1, 9)}, 800)  # a 1-bit mask: no change
+    assert set(flat.values()) == {1.0}
+    double = noise_table(1.0, {k: 200 * k for k in range(1, 9)}, 800)  # x̂ at 2·b bits
+    assert double[3] == pytest.approx(1 / 16)
+
+
+def _digits(n=5, batch=8):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[: n * batch], dtype=torch.float32)[:, None] / 16
+    x = torch.nn.functional.interpolate(x, size=16).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target[: n * batch])
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n * batch, batch)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=10)
+
+
+def test_tune_fits_the_measured_budget_and_the_config_round_trips(tiny):
+    batches = _digits()
+    result = tune(tiny, "2bit-stochastic", batches, "6x", fidelity_draws=1)
+    assert abs(result.measured_bytes - result.budget_bytes) <= 0.02 * result.budget_bytes
+    converted = qb.convert_model(
+        __import__("copy").deepcopy(tiny), result.config, example_input=batches[0][0][:2]
+    )
+    assert qb.measure_saved_activations(converted, batches[0][0]).stored_bytes == pytest.approx(
+        result.measured_bytes, rel=0.001
+    )
+    again = QuantConfig.from_dict(result.to_yaml_dict())
+    assert again == result.config
+    assert result.layers and all(1 <= c.average_bits <= 8 for c in result.layers)
+    assert result.measured_ratio is not None and result.measured_ratio > 0
+
+
+def test_tune_budget_above_fp32_converts_nothing_and_infeasible_is_an_error(tiny):
+    batches = _digits(3)
+    result = tune(tiny, "2bit-stochastic", batches, "0.5x", fidelity_draws=0)
+    assert "nothing is converted" in result.note
+    assert not result.config.default.enabled or result.config.default.bits == 32
+    with pytest.raises(QbackpropUserError, match="cannot be met"):
+        tune(tiny, "2bit-stochastic", batches, "0.5", fidelity_draws=0)
+
+
+CONFIG = """\
+model:
+  name: test_resnet
+  input_size: [3, 16, 16]
+quant:
+  default: 2bit-stochastic
+train:
+  dataset: digits
+  device: cpu
+"""
+FAST = ["--warmup-steps", "2", "--batch-size", "8", "--draws", "1"]
+
+
+def test_cli_writes_a_config_that_convert_accepts(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "tuned.yaml"
+    png = tmp_path / "bits.png"
+    code = main(["tune", str(cfg), "--budget", "6x", "--out", str(out), "--plot", str(png), *FAST])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "measured" in printed and out.exists() and png.stat().st_size > 0
+    assert main(["convert", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["tune", str(cfg), "--budget", "6x", "--json", *FAST]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"budget_bytes", "measured_bytes", "layers", "quant"} <= set(data)
+
+
+def test_cli_bad_budget_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    code = main(["tune", str(cfg), "--budget", "lots", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--budget='lots'" in err
