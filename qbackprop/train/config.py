@@ -98,6 +98,9 @@ class TrainSpec:
         mix_prob_schedule: null keeps ``quant.default.mix_prob``; a number or
             ``{start, end}`` sets it per epoch (linear), needs ``quant.default.mix_bits``.
         max_steps_per_epoch: stop each epoch after this many steps (smoke tests); null: all.
+        retune_every: re-run ``qbackprop tune`` every this many steps (one process only):
+            per-layer bits re-chosen from the current weights at the bytes the ``quant:``
+            section keeps; null (default): never.
         distributed: under torchrun, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2
             ``fully_shard`` per block, then the whole model: parameters, gradients and
             optimizer state sharded across processes). Ignored in a single process.
@@ -131,6 +134,7 @@ class TrainSpec:
     workers: int = 0
     mix_prob_schedule: MixProbSchedule | None = None
     max_steps_per_epoch: int | None = None
+    retune_every: int | None = None
     distributed: str = "ddp"
 
     def __post_init__(self) -> None:
@@ -243,6 +247,7 @@ def train_spec_errors(spec: Any, loc: str = "train") -> list[str]:
     problems += _int_errors(spec, loc, "seed", 0)
     problems += _int_errors(spec, loc, "workers", 0)
     problems += _int_errors(spec, loc, "max_steps_per_epoch", 1, nullable=True)
+    problems += _int_errors(spec, loc, "retune_every", 1, nullable=True)
     clip = spec.grad_clip_norm
     if clip is not None and not (_is_number(clip) and clip > 0):
         problems.append(_bad(f"{loc}.grad_clip_norm", clip, "null (no clipping) or a number > 0"))

@@ -158,6 +158,12 @@ class _Trainer:
         self.quant = None
         self.memory = None
         self.fsdp = ctx.distributed and self.spec.distributed == "fsdp"
+        if self.spec.retune_every and ctx.distributed:
+            raise QbackpropUserError(
+                f"{config.source}: train.retune_every={self.spec.retune_every} works in one "
+                "process only (each rank would choose its own bits); drop it under torchrun"
+            )
+        self.retuned = False  # once re-tuned, the tuned config replaces quant_for_epoch's
         if self.fsdp:
             # Converted (and measured) before sharding; the optimizer then holds the shards.
             self.set_quant(0)
@@ -211,7 +217,7 @@ class _Trainer:
 
     def set_quant(self, epoch: int) -> None:
         quant = quant_for_epoch(self.config.quant, self.spec, epoch)
-        if quant == self.quant:
+        if quant == self.quant or self.retuned:
             return
         apply_quant(self.model, quant, self.config.source)
         self.quant = quant
@@ -222,11 +228,13 @@ class _Trainer:
             self.spec.seed,
             self.device,
         )
+        self.base_bytes = self.memory.stored_bytes  # what a re-tune keeps (retune_every)
 
     def train_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
         model.train()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, n
         step_times = []
+        retunes = 0
         lr = self.optimizer.param_groups[0]["lr"]
         bar = tqdm(
             total=self.steps,
@@ -247,6 +255,10 @@ class _Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             step_times.append(time.perf_counter() - start)
+            every = self.spec.retune_every
+            if every and (epoch * self.steps + step + 1) % every == 0:
+                self.retune(images, labels)
+                retunes += 1
             n = labels.numel()
             totals += torch.stack(
                 [loss.detach().double() * n, correct.double(), totals.new_tensor(n)]
@@ -264,7 +276,28 @@ class _Trainer:
             "lr": lr,
             # the median: robust to the first steps' compilation and to a busy machine's spikes
             "step_time_s": statistics.median(step_times),
+            **({"retunes": retunes} if self.spec.retune_every else {}),
         }
+
+    def retune(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """``qbackprop tune`` on the current weights and this batch, at the bytes the config's
+        own quant section keeps; the model is converted with the result in place."""
+        from ..tune import MiB, Budget, tune
+
+        if self.memory is None or not self.memory.stored_bytes:
+            return
+        was_training = self.model.training
+        budget = Budget("mib", self.base_bytes / MiB)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training's random streams go on
+            batch = [(images, labels)]
+            result = tune(self.model, self.config.quant, batch, budget, fidelity_draws=0)
+        apply_quant(self.model, result.config, self.config.source)
+        self.model.train(was_training)
+        self.quant, self.retuned = result.config, True
+        self.memory = measure_memory(
+            self.model, self.train_loader.dataset, self.spec.batch_size, self.spec.seed, self.device
+        )
 
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple:
         self.optimizer.zero_grad(set_to_none=True)

@@ -35,9 +35,16 @@ COLUMNS = (
     "mix_prob",
     "saved_activation_bytes",
     "fp32_activation_bytes",
+    "retunes",  # train.retune_every: re-tunes in the epoch (empty when off)
     *TIMING_COLUMNS,
 )
-_INT_COLUMNS = ("epoch", "saved_activation_bytes", "fp32_activation_bytes", "peak_cuda_mem_bytes")
+_INT_COLUMNS = (
+    "epoch",
+    "saved_activation_bytes",
+    "fp32_activation_bytes",
+    "retunes",
+    "peak_cuda_mem_bytes",
+)
 
 
 def _cell(value: Any) -> str:
