@@ -5,6 +5,7 @@ from .fidelity import FidelityReport, measure_fidelity
 from .memory import LayerMemory, MemoryReport, measure_saved_activations
 from .quant import CompressedTensor, QuantSpec, compress
 from .surgery import conversion_report, convert_model, revert_model
+from .tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "MemoryReport",
     "QuantConfig",
     "QuantSpec",
+    "TuneResult",
     "__version__",
     "compress",
     "conversion_report",
@@ -23,4 +25,5 @@ __all__ = [
     "measure_fidelity",
     "measure_saved_activations",
     "revert_model",
+    "tune",
 ]

@@ -159,7 +159,9 @@ def test_train_retune_every_rechooses_bits_in_place(tmp_path):
             "retune_every": 1,
         },
     }
-    result = train(run_config_from_dict(raw, source="retune.yaml"), tmp_path / "run", progress=False)
+    result = train(
+        run_config_from_dict(raw, source="retune.yaml"), tmp_path / "run", progress=False
+    )
     rows = read_metrics(tmp_path / "run")
     assert [int(r["retunes"]) for r in rows] == [2]  # 2 steps, one re-tune after each
     tuned = converted_config(result.model)

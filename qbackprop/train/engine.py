@@ -282,7 +282,7 @@ class _Trainer:
     def retune(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """``qbackprop tune`` on the current weights and this batch, at the bytes the config's
         own quant section keeps; the model is converted with the result in place."""
-        from ..tune import MiB, Budget, tune
+        from ..tune import Budget, MiB, tune
 
         if self.memory is None or not self.memory.stored_bytes:
             return
