@@ -2,7 +2,9 @@
 
 Random init (memory does not depend on the weights), ``qb.convert_model`` with the planning
 forward on two images of the batch, ``qb.measure_saved_activations`` (saved-tensor hooks: the
-bytes autograd really holds, every distinct storage once).
+bytes autograd really holds, every distinct storage once) and, for the 2-bit preset, the
+allocator's view (``bench_memory.allocator_bytes``: the profiler's net bytes allocated and not
+freed during a forward, fp32 / converted; it includes the output).
 
 Example:
     python scripts/bench_transformer_memory.py
@@ -17,11 +19,13 @@ import warnings
 import timm
 import torch
 from bench_common import header, quiet, table
+from bench_memory import allocator_bytes
 
 import qbackprop as qb
 
 MODELS = "vit_tiny_patch16_224:16,swin_tiny_patch4_window7_224:4,deit_small_patch16_224:8"
 PRESETS = ("2bit-stochastic", "8bit-nearest")
+HEADERS = ["model", "batch", "fp32 MiB", *PRESETS, "allocator MiB, 2-bit"]
 
 
 def main() -> None:
@@ -47,9 +51,14 @@ def main() -> None:
             if len(row) == 2:
                 row.append(f"{report.fp32_bytes / 2**20:.1f}")
             row.append(f"{report.ratio:.2f}x")
-        rows.append(row)
-        print(table([row], ["model", "batch", "fp32 MiB", *PRESETS]).splitlines()[-1], flush=True)
-    print(table(rows, ["model", "batch", "fp32 MiB", *PRESETS]))
+            if preset == PRESETS[0]:
+                with qb.surgery.temporarily_unconverted(converted):
+                    fp32 = allocator_bytes(converted, x)
+                held = allocator_bytes(converted, x)
+                alloc = f"{fp32 / 2**20:.1f} / {held / 2**20:.1f} = {fp32 / held:.2f}x"
+        rows.append([*row, alloc])
+        print(table([rows[-1]], HEADERS).splitlines()[-1], flush=True)
+    print(table(rows, HEADERS))
 
 
 if __name__ == "__main__":

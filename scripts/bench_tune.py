@@ -30,7 +30,8 @@ from qbackprop.tune import Budget, MiB
 
 SPECS = {"2-bit stochastic": "2bit-stochastic", "4-bit stochastic": "4bit-stochastic"}
 HEADERS = ["model", "bytes of", "uniform ratio", "tuned ratio", "tuned/uniform",
-           "tuned MiB / budget", "tune wall s", "tune CPU s"]  # fmt: skip
+           "predicted (stored widths)", "predicted (GACT 4^-b)", "tuned MiB / budget",
+           "tune wall s", "tune CPU s"]  # fmt: skip
 
 
 def main() -> None:
@@ -66,9 +67,14 @@ def main() -> None:
             result = qb.tune(model, preset, data, Budget("mib", budget / MiB), fidelity_draws=0)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             tuned = qb.measure_fidelity(model, result.config, data, draws=args.draws, by=None)
+            # the two noise models: widths read off the measured bytes (what tune uses) and
+            # GACT's closed form on the spec's bits
+            var = tuned.minibatch_variance
+            stored = sum(c.predicted_noise for c in result.layers) / var
+            gact = sum(c.sensitivity * 4.0 ** (2 - c.average_bits) for c in result.layers) / var
             row = [name, label, f"{ref.ratio:.4g}", f"{tuned.ratio:.4g}",
-                   f"{tuned.ratio / ref.ratio:.2f}", f"{result.measured_bytes / budget:.3f}",
-                   f"{wall:.0f}", f"{cpu:.0f}"]  # fmt: skip
+                   f"{tuned.ratio / ref.ratio:.2f}", f"{stored:.3g}", f"{gact:.3g}",
+                   f"{result.measured_bytes / budget:.3f}", f"{wall:.0f}", f"{cpu:.0f}"]  # fmt: skip
             rows.append(row)
             print(table([row], HEADERS).splitlines()[-1], flush=True)
     print(table(rows, HEADERS))
