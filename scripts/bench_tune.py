@@ -74,7 +74,8 @@ def main() -> None:
             gact = sum(c.sensitivity * 4.0 ** (2 - c.average_bits) for c in result.layers) / var
             row = [name, label, f"{ref.ratio:.4g}", f"{tuned.ratio:.4g}",
                    f"{tuned.ratio / ref.ratio:.2f}", f"{stored:.3g}", f"{gact:.3g}",
-                   f"{result.measured_bytes / budget:.3f}", f"{wall:.0f}", f"{cpu:.0f}"]  # fmt: skip
+                   f"{result.measured_bytes / budget:.3f}",
+                   f"{wall:.0f}", f"{cpu:.0f}"]  # fmt: skip
             rows.append(row)
             print(table([row], HEADERS).splitlines()[-1], flush=True)
     print(table(rows, HEADERS))
