@@ -348,3 +348,19 @@ def test_fidelity_cli_on_a_vit(tmp_path, capsys):
     groups = {g["name"]: g["ratio"] for g in data["groups"]}
     assert {"attention", "linear", "norm", "activation"} <= set(groups)
     assert data["ratio"] is not None and data["ratio"] > 0
+
+
+def test_multihead_attention_close_at_8_bits():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(32, 4, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = qb.convert_model(copy.deepcopy(ref), "8bit-nearest")
+    x = torch.randn(4, 12, 32, requires_grad=True)
+    g = torch.randn(4, 12, 32)
+    grads = []
+    for module in (ref, conv):
+        out, _ = module(x, x, x, need_weights=False)
+        grads.append(torch.autograd.grad(out, [x, *module.parameters()], g))
+    for exact, got in zip(*grads, strict=True):
+        assert ((got - exact).norm() / exact.norm()).item() < 0.02
