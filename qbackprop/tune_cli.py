@@ -34,7 +34,7 @@ until within 2 % of the budget, and its variance ratio.
 examples:
   qbackprop tune configs/resnet18_cifar10_2bit.yaml --budget 2 --out tuned.yaml
   qbackprop tune configs/digits_demo.yaml --budget 15x --plot bits.png
-  qbackprop tune configs/digits_demo.yaml --budget 0.5MiB --json > tuned.json
+  qbackprop tune configs/digits_demo.yaml --budget 1MiB --json > tuned.json
   qbackprop train tuned.yaml          # the tuned file is a full config
 """
 
