@@ -54,7 +54,7 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", required=True, help="2.1 (bits), 15x (ratio) or 24MiB")
     p.add_argument("--out", metavar="FILE.yaml", help="write the tuned config here")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: 32")
-    p.add_argument("--draws", type=int, default=2, metavar="K", help="draws per layer (2)")
+    p.add_argument("--draws", type=int, default=1, metavar="K", help="draws per layer (1)")
     p.add_argument(
         "--warmup-steps", type=int, default=100, metavar="S", help="fp32 steps first (100)"
     )

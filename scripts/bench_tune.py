@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--draws", type=int, default=8, help="draws of each measured ratio")
     parser.add_argument("--cache", help="folder of fp32-trained weights (bench_zoo_fidelity's)")
+    parser.add_argument("--tune-draws", type=int, default=1, help="qb.tune's draws per layer")
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args()
     quiet()
@@ -64,7 +65,14 @@ def main() -> None:
             budget = qb.measure_saved_activations(uniform, data[0][0]).stored_bytes
             ref = qb.measure_fidelity(model, preset, data, draws=args.draws, by=None)
             wall, cpu = time.perf_counter(), time.process_time()
-            result = qb.tune(model, preset, data, Budget("mib", budget / MiB), fidelity_draws=0)
+            result = qb.tune(
+                model,
+                preset,
+                data,
+                Budget("mib", budget / MiB),
+                draws=args.tune_draws,
+                fidelity_draws=0,
+            )
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             tuned = qb.measure_fidelity(model, result.config, data, draws=args.draws, by=None)
             # the two noise models: widths read off the measured bytes (what tune uses) and
