@@ -377,8 +377,6 @@ def tune(
     probe = _convert(model, _uniform(cfg, PROBE_BITS), x[:2])
     rows = [r for r in conversion_report(probe) if r.converted]
     family = {r.name: r.family for r in rows}
-    # A layer that keeps nothing of its own at any width (it rebuilds its input from a shared
-    # producer) follows the default: its width only decides whether it may share.
     # A layer whose bytes do not change with the width (a ReLU's 1-bit mask, a classifier
     # input held at 8 bits, a consumer rebuilding its input from a shared producer) has
     # nothing to tune: it follows the default.
