@@ -17,6 +17,8 @@ import yaml
 from qbackprop.errors import ConfigError
 from qbackprop.quant.spec import PRESETS, QuantSpec, spec_errors
 
+from .strict_yaml import load_strict
+
 FAMILIES = (
     "conv",
     "linear",
@@ -415,11 +417,19 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; expected a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data, duplicates = load_strict(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(_yaml_error(path, exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if duplicates:
+        raise ConfigError(
+            [
+                f"{path}: line {second}: key {key!r} is given twice in one mapping (first at "
+                f"line {first}); YAML would keep the last one silently: delete one"
+                for key, first, second in duplicates
+            ]
+        )
     expected = f"a mapping with keys {', '.join(TOP_LEVEL_KEYS)}"
     if data is None:
         raise ConfigError(f"{path}: file is empty; expected {expected}")

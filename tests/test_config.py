@@ -451,3 +451,43 @@ def test_config_stays_hashable_and_replaceable_after_lookups():
 def test_default_mapping_may_start_from_a_preset():
     cfg = QuantConfig.from_dict({"default": {"preset": "4bit-nearest", "bucket_size": 64}})
     assert cfg.default == QuantSpec.preset("4bit-nearest").replace(bucket_size=64)
+
+
+def test_a_key_written_twice_is_an_error_with_both_lines(tmp_path):
+    from qbackprop.errors import ConfigError
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "quant:\n"
+        "  default:\n"
+        "    bits: 2\n"
+        "  default:\n"
+        "    bits: 4\n"
+        "    rounding: nearest\n"
+        "    rounding: stochastic\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    problems = exc.value.problems
+    assert len(problems) == 2  # every duplicate at once
+    assert "line 4: key 'default' is given twice" in problems[0]
+    assert "first at line 2" in problems[0] and str(path) in problems[0]
+    assert "line 7: key 'rounding'" in problems[1] and "first at line 6" in problems[1]
+
+
+def test_anchors_and_merges_keep_their_yaml_meaning(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "quant:\n"
+        "  default: &base\n"
+        "    bits: 2\n"
+        "    rounding: stochastic\n"
+        "  layers:\n"
+        "    - <<: *base\n"
+        '      match: "conv_stem"\n'
+        "      bits: 8\n"  # an explicit key overrides the merged one: not a duplicate
+        '    - {match: "classifier", bits: 8}\n'
+    )
+    cfg = load_config(path)
+    assert cfg.default.bits == 2
+    assert [dict(r.overrides)["bits"] for r in cfg.layers] == [8, 8]
