@@ -177,7 +177,10 @@ def _print_report(report: FidelityReport, header: str) -> None:
         print(line)
 
 
-def cmd_fidelity(args: argparse.Namespace) -> int:
+def warmed_model(args: argparse.Namespace):
+    """``(config, data spec, model, batches)`` for a measuring command (``fidelity``, ``tune``):
+    the config's model with the weights of ``--checkpoint`` or after ``--warmup-steps`` fp32
+    steps, and ``1 + VARIANCE_BATCHES`` seeded batches of its training split."""
     from .train.data import build_datasets
 
     _check_args(args)
@@ -193,6 +196,11 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         _warm_up(model, train, args, seed, device)
     batches = list(_batches(train, args.batch_size, 1 + VARIANCE_BATCHES, seed + 1))
+    return config, data, model, batches
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    config, data, model, batches = warmed_model(args)
     try:
         report = measure_fidelity(
             model, config.quant, batches, draws=args.draws, by=args.by, progress=sys.stderr.isatty()

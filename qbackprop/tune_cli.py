@@ -4,24 +4,14 @@ commands accept unchanged."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from .errors import ConfigError, QbackpropUserError
-from .fidelity_cli import (
-    VARIANCE_BATCHES,
-    _batches,
-    _check_args,
-    _device,
-    _load,
-    _load_weights,
-    _warm_up,
-)
+from .fidelity_cli import warmed_model
 from .tune import MiB, TuneResult, parse_budget, tune
 
 TUNE_EPILOG = """The budget: average bits per saved element (2.1), a ratio to fp32 (15x) or MiB of
@@ -101,25 +91,11 @@ def _write(result: TuneResult, config_path: str, out: str) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .train.data import build_datasets
-
-    _check_args(args)
     try:
         budget = parse_budget(args.budget)
     except ValueError as exc:
         raise QbackpropUserError(str(exc)) from None
-    config = _load(args.config)
-    seed = config.train.seed if args.seed is None else args.seed
-    device = _device(config.train.device)
-    data = dataclasses.replace(config.train.data_spec(config.model.num_classes), augment=False)
-    torch.manual_seed(seed)
-    model = config.model.build().to(device)
-    if args.checkpoint:
-        _load_weights(model, args.checkpoint, args.config)
-    train, _ = build_datasets(data)
-    if not args.checkpoint:
-        _warm_up(model, train, args, seed, device)
-    batches = list(_batches(train, args.batch_size, 1 + VARIANCE_BATCHES, seed + 1))
+    config, data, model, batches = warmed_model(args)
     try:
         result = tune(
             model, config.quant, batches, budget, draws=args.draws, progress=sys.stderr.isatty()
