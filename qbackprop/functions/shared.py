@@ -250,42 +250,22 @@ def affine(
     ready: bool,
     producer: torch.nn.Module,
     promise: float | None = None,
+    *,
+    trailing: bool = False,
 ) -> Recipe:
-    """The recipe of a BatchNorm output ``x̂·w + b`` (per channel, dim 1) from x̂'s recipe."""
+    """The recipe of a normalization output ``x̂·w + b`` from x̂'s recipe: ``w``, ``b`` per
+    channel (dim 1: BatchNorm) or, with ``trailing``, over the trailing dims (LayerNorm)."""
     inner = xhat.build
 
     def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
         y = inner(values, []).float()
-        shape = (1, -1, *([1] * (y.dim() - 2)))
+        shape = None if trailing else (1, -1, *([1] * (y.dim() - 2)))
         if exact:
             weight, bias = exact
             if weight is not None:
-                y = y * weight.float().view(shape)
+                y = y * (weight.float() if trailing else weight.float().view(shape))
             if bias is not None:
-                y = y + bias.float().view(shape)
-        return y
-
-    return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)
-
-
-def trailing_affine(
-    xhat: Recipe,
-    params: tuple[torch.Tensor | None, ...],
-    dtype: torch.dtype,
-    ready: bool,
-    producer: torch.nn.Module,
-    promise: float | None = None,
-) -> Recipe:
-    """The recipe of a LayerNorm output ``x̂·w + b`` (``w``, ``b`` over the trailing dims)."""
-    inner = xhat.build
-
-    def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
-        y = inner(values, []).float()
-        weight, bias = exact
-        if weight is not None:
-            y = y * weight.float()
-        if bias is not None:
-            y = y + bias.float()
+                y = y + (bias.float() if trailing else bias.float().view(shape))
         return y
 
     return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)

@@ -42,8 +42,9 @@ class QuantizedLayerNorm(_NormSaves):
         if sources and sources[0] is not None:
             ready = shared.feeds_converted(self)
             promise = shared.leaf_bits(normalized_spec(spec))
-            recipe = shared.trailing_affine(
-                sources[0], (self.weight, self.bias), out.dtype, ready, self, promise
+            params = (self.weight, self.bias)
+            recipe = shared.affine(
+                sources[0], params, out.dtype, ready, self, promise, trailing=True
             )
             shared.tag(out, recipe)
         return out
