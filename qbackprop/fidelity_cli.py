@@ -50,20 +50,25 @@ def add_fidelity_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=FIDELITY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_warmed_model_args(p)
+    p.add_argument("--draws", type=int, default=8, metavar="K", help="stochastic draws (8)")
+    p.add_argument("--by", choices=GROUP_BY, default="family", help="default: family")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the ratio per group")
+    p.set_defaults(func=cmd_fidelity)
+
+
+def add_warmed_model_args(p: argparse.ArgumentParser) -> None:
+    """The arguments ``warmed_model`` reads (and ``--json``), shared by fidelity and tune."""
     p.add_argument("config", help="YAML file with model:, quant: and train: sections")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: 32")
-    p.add_argument("--draws", type=int, default=8, metavar="K", help="stochastic draws (8)")
     p.add_argument(
         "--warmup-steps", type=int, default=100, metavar="S", help="fp32 steps first (100)"
     )
     p.add_argument(
         "--checkpoint", metavar="PATH", help="checkpoint.pt or run dir of qbackprop train"
     )
-    p.add_argument("--by", choices=GROUP_BY, default="family", help="default: family")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the ratio per group")
     p.add_argument("--seed", type=int, metavar="N", help="default: the config's train.seed")
-    p.set_defaults(func=cmd_fidelity)
 
 
 # --- data and weights -------------------------------------------------------------------------

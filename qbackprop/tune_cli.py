@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError, QbackpropUserError
-from .fidelity_cli import warmed_model
+from .fidelity_cli import add_warmed_model_args, warmed_model
 from .tune import MiB, TuneResult, parse_budget, tune
 
 TUNE_EPILOG = """The budget: average bits per saved element (2.1), a ratio to fp32 (15x) or MiB of
@@ -40,20 +40,11 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=TUNE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML file with model:, quant: and train: sections")
+    add_warmed_model_args(p)
     p.add_argument("--budget", required=True, help="2.1 (bits), 15x (ratio) or 24MiB")
     p.add_argument("--out", metavar="FILE.yaml", help="write the tuned config here")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: 32")
     p.add_argument("--draws", type=int, default=1, metavar="K", help="draws per layer (1)")
-    p.add_argument(
-        "--warmup-steps", type=int, default=100, metavar="S", help="fp32 steps first (100)"
-    )
-    p.add_argument(
-        "--checkpoint", metavar="PATH", help="checkpoint.pt or run dir of qbackprop train"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the bits per block")
-    p.add_argument("--seed", type=int, metavar="N", help="default: the config's train.seed")
     p.set_defaults(func=cmd_tune)
 
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 
-import torch
-from bench_common import build_model, header, quiet, table
-from bench_fidelity import batches, pretrain
-from bench_zoo_fidelity import MODEL_KWARGS
+from bench_common import header, quiet, table
+from bench_fidelity import batches
+from bench_zoo_fidelity import zoo_model
 
 import qbackprop as qb
 from qbackprop.train.data import DataSpec, build_datasets
@@ -52,13 +50,7 @@ def main() -> None:
     data = list(batches(train, args.batch_size, 17, 1234))
     rows = []
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = build_model(name, drop_rate=0.0, drop_path_rate=0.0, **MODEL_KWARGS.get(name, {}))
-        path = os.path.join(args.cache, f"{name}.pt") if args.cache else None
-        if path and os.path.exists(path):
-            model.load_state_dict(torch.load(path))
-        else:
-            pretrain(model, train, 150, args.batch_size)
+        model = zoo_model(name, train, args.cache, 150, args.batch_size)
         for label in args.specs.split(","):
             preset = SPECS[label]
             uniform = qb.convert_model(copy.deepcopy(model), preset, example_input=data[0][0][:2])

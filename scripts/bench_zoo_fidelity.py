@@ -43,6 +43,22 @@ MODEL_KWARGS = {
 HEADERS = ["model", "spec", "variance ratio", "bias (mean of K)", "ideal bias", "memory"]
 
 
+def zoo_model(name: str, train, cache: str | None, steps: int, batch_size: int):
+    """The zoo's model ``name`` trained ``steps`` fp32 steps on the digits, or its weights
+    from ``cache`` (written there when missing)."""
+    torch.manual_seed(0)
+    model = build_model(name, drop_rate=0.0, drop_path_rate=0.0, **MODEL_KWARGS.get(name, {}))
+    path = os.path.join(cache, f"{name}.pt") if cache else None
+    if path and os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+    else:
+        pretrain(model, train, steps, batch_size)
+        if path:
+            os.makedirs(cache, exist_ok=True)
+            torch.save(model.state_dict(), path)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,16 +78,7 @@ def main() -> None:
     data = list(batches(train, args.batch_size, args.minibatches + 1, 1234))
     rows, results = [], []
     for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = build_model(name, drop_rate=0.0, drop_path_rate=0.0, **MODEL_KWARGS.get(name, {}))
-        path = os.path.join(args.cache, f"{name}.pt") if args.cache else None
-        if path and os.path.exists(path):
-            model.load_state_dict(torch.load(path))
-        else:
-            pretrain(model, train, args.train_steps, args.batch_size)
-            if path:
-                os.makedirs(args.cache, exist_ok=True)
-                torch.save(model.state_dict(), path)
+        model = zoo_model(name, train, args.cache, args.train_steps, args.batch_size)
         for label in tqdm(args.specs.split(","), desc=name, leave=False):
             cfg = {"default": SPECS[label]}
             rep = qb.measure_fidelity(model, cfg, data, draws=args.draws, by=None)
