@@ -130,10 +130,11 @@ def load_model_and_quant(path: str, input_size: Sequence[int] | None = None):
     """``(ModelSpec, QuantConfig)`` of a config file; every problem of both sections at once."""
     from .config import load_config as load_quant
     from .config import load_yaml_file
-    from .models import input_size_errors, model_spec_from_dict
+    from .models import ModelSpec, model_spec_from_dict
+    from .schema import check_key
 
     raw = load_yaml_file(path)
-    problems: list[str] = []
+    problems: list = []
     model_spec = quant = None
     try:
         model_spec = model_spec_from_dict(raw.get("model"), source=path)
@@ -144,7 +145,7 @@ def load_model_and_quant(path: str, input_size: Sequence[int] | None = None):
     except ConfigError as exc:
         problems += exc.problems
     if input_size is not None:
-        problems += input_size_errors(list(input_size), "--input-size")
+        problems += check_key(ModelSpec, "input_size", list(input_size), "--input-size")
     if problems:
         raise ConfigError(problems)
     if input_size is not None:

@@ -1,12 +1,10 @@
-"""QuantConfig: the ``quant:`` YAML section, its per-layer rules, loading and validation."""
+"""QuantConfig: the ``quant:`` section and its per-layer rules, read from files and dicts."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
-import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -14,9 +12,23 @@ from typing import Any
 
 import yaml
 
-from qbackprop.errors import ConfigError
-from qbackprop.quant.spec import PRESETS, QuantSpec, spec_errors
-
+from .errors import ConfigError
+from .quant.spec import PRESETS, QuantSpec
+from .schema import (
+    Bool,
+    Int,
+    Kind,
+    Names,
+    Problem,
+    Text,
+    check_mapping,
+    check_values,
+    join,
+    option,
+    suggest,
+    unknown_keys,
+    validate,
+)
 from .strict_yaml import load_strict
 
 FAMILIES = (
@@ -35,127 +47,138 @@ TOP_LEVEL_KEYS = ("model", "quant", "train")
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = ("match", "type", "enabled", "preset", *SPEC_KEYS)
 _BARE_QUANT_KEYS = {"default", "layers", "fallback"}  # a file with these but no quant: section
-_FAMILY_HELP = f"a family or a list of families ({' | '.join(FAMILIES)})"
-_PRESET_HELP = f"a preset name ({', '.join(PRESETS)})"
+_PRESET = f"a preset name ({', '.join(PRESETS)})"
 
 
-# --- message helpers: every line is "<source>: <key path>... what is allowed" -----------------
+def _plain(spec: QuantSpec) -> dict[str, Any]:
+    """Every field of ``spec`` (None included), enums as plain strings."""
+    return {k: v.value if isinstance(v, Enum) else v for k, v in vars(spec).items() if k != "key"}
 
 
-def _key(loc: str, key: Any) -> str:
-    """``loc`` extended by one key; ``loc`` ending in ": " is the root of a bare file."""
-    return f"{loc}{key}" if loc.endswith(": ") else f"{loc}.{key}"
+def _preset(value: Any, path: str) -> tuple[dict | None, list[Problem]]:
+    if isinstance(value, str) and value in PRESETS:
+        return _plain(QuantSpec.preset(value)), []
+    return None, [Problem(path, value, _PRESET, suggest(value, tuple(PRESETS)))]
 
 
-def _suggest(value: Any, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    return f'; did you mean "{close[0]}"?' if close else ""
-
-
-def _bad(loc: str, value: Any, allowed: str, choices: Sequence[str] = ()) -> str:
-    return f"{loc}={value!r} is not allowed; expected {allowed}{_suggest(value, choices)}"
-
-
-def _unknown_keys(loc: str, mapping: Mapping, allowed: Sequence[str]) -> list[str]:
-    problems = []
-    for key in mapping:
-        if key not in allowed:
-            hint = _suggest(key, allowed) or f"; allowed: {', '.join(allowed)}"
-            problems.append(f"{_key(loc, key)}: unknown key{hint}")
+def _spec_problems(fields: dict, path: str, only: Iterable[str] | None = None) -> list[Problem]:
+    """QuantSpec's checks on ``fields``; with ``only``, just the problems of those keys."""
+    _, problems = check_values(QuantSpec, fields, path)
+    if only is not None:
+        keys = {join(path, k) for k in only}
+        problems = [p for p in problems if p.path in keys]
     return problems
 
 
-def _bool_errors(value: Any, loc: str) -> list[str]:
-    return [] if isinstance(value, bool) else [_bad(loc, value, "true or false")]
+class _Overrides(Kind):
+    """QuantSpec keys a rule sets, as canonical ``(key, value)`` pairs."""
+
+    def check(self, value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+        given = dict(value)
+        problems = unknown_keys(given, SPEC_KEYS, path)
+        plain = {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
+        return tuple((k, plain[k]) for k in SPEC_KEYS if k in plain), problems
 
 
-def _int_errors(value: Any, loc: str, low: int, allowed: str) -> list[str]:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    return [] if ok else [_bad(loc, value, allowed)]
+class _DefaultSpec(Kind):
+    """``quant.default``: a QuantSpec, a preset name, or QuantSpec keys (``preset:`` first)."""
+
+    children = {k: None for k in ("preset", *SPEC_KEYS)}
+    type_name = "mapping"
+
+    def check(self, raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+        """A QuantSpec when valid; otherwise the fields as far as they could be read."""
+        if raw is None or isinstance(raw, QuantSpec):
+            return raw or QuantSpec(), []
+        if isinstance(raw, str):
+            fields, problems = _preset(raw, path)
+        elif isinstance(raw, Mapping):
+            problems = unknown_keys(raw, tuple(self.children), path)
+            fields = None
+            if "preset" in raw:  # like a rule's preset: the named spec, the explicit keys on top
+                fields, errors = _preset(raw["preset"], join(path, "preset"))
+                problems += errors
+            fields = {
+                **(fields or _plain(QuantSpec())),
+                **{k: raw[k] for k in SPEC_KEYS if k in raw},
+            }
+            problems += _spec_problems(fields, path)
+        else:
+            fields, problems = None, [Problem(path, raw, self.expected)]
+        return (QuantSpec(**fields) if not problems else fields or _plain(QuantSpec())), problems
 
 
-def _numel_errors(value: Any, loc: str) -> list[str]:
-    return _int_errors(value, loc, 0, "an int >= 0")
+class _Rules(Kind):
+    """``quant.layers``: LayerRules or their mappings, each checked on top of the default."""
+
+    type_name = "list"
+
+    def check(self, raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+        if raw is None:
+            return (), []
+        if not isinstance(raw, (list, tuple)):
+            return (), [Problem(path, raw, self.expected)]
+        base = context.get("default")
+        base_ok = isinstance(base, QuantSpec)
+        base = _plain(base) if base_ok else base or _plain(QuantSpec())
+        rules, problems = [], []
+        for i, entry in enumerate(raw):
+            rule, errors = _rule(entry, base, base_ok, f"{path}[{i}]")
+            rules.append(rule)
+            problems += errors
+        return tuple(rules), problems
 
 
-_FLAG_CHECKS = {
-    "fallback": _bool_errors,
-    "allow_unmatched": _bool_errors,
-    "fallback_min_numel": _numel_errors,
-    "share": _bool_errors,
-}
-QUANT_KEYS = ("schema_version", "default", "layers", *_FLAG_CHECKS)
-
-
-def _match_errors(value: Any, loc: str) -> list[str]:
-    ok = isinstance(value, str) and value
-    return [] if ok else [_bad(loc, value, 'an fnmatch pattern on module names, e.g. "blocks.*"')]
-
-
-def _type_errors(value: Any, loc: str) -> list[str]:
-    if value is None:
-        return []
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not names:
-        return [_bad(loc, value, _FAMILY_HELP)]
-    return [_bad(loc, n, _FAMILY_HELP, FAMILIES) for n in names if n not in FAMILIES]
-
-
-def _spec_fields(spec: QuantSpec) -> dict[str, Any]:
-    """Every field of ``spec`` (None included), enums as plain strings."""
-    return {
-        k: getattr(spec, k).value if isinstance(getattr(spec, k), Enum) else getattr(spec, k)
-        for k in SPEC_KEYS
-    }
-
-
-def _override_errors(base: Mapping, base_ok: bool, overrides: Mapping, loc: str) -> list[str]:
-    """Problems with ``overrides`` merged onto ``base`` (a namespace, so bad values don't raise)."""
-    prefix = _key(loc, "")
-    errors = spec_errors(types.SimpleNamespace(**{**base, **overrides}), prefix)
-    if not base_ok:  # the base's own mistakes are already reported once; keep the rule's
-        errors = [e for e in errors if e[len(prefix) :].startswith(tuple(overrides))]
-    return errors
-
-
-# --- the config objects -------------------------------------------------------------------------
+def _rule(raw: Any, base: dict, base_ok: bool, path: str) -> tuple[Any, list[Problem]]:
+    if isinstance(raw, LayerRule):
+        raw = raw.to_dict()
+    if not isinstance(raw, Mapping):
+        return None, [Problem(path, raw, 'a mapping with a "match" key')]
+    overrides = {k: raw[k] for k in SPEC_KEYS if k in raw}
+    given = {k: raw[k] for k in ("match", "type", "enabled") if k in raw}
+    values, problems = check_values(LayerRule, {**given, "overrides": overrides}, path)
+    problems = unknown_keys(raw, RULE_KEYS, path) + problems
+    if "preset" in raw:  # the preset replaces the default for this rule; explicit keys win
+        preset, errors = _preset(raw["preset"], join(path, "preset"))
+        problems += errors
+        if preset is not None:
+            base, base_ok, overrides = preset, True, {**preset, **overrides}
+    problems += _spec_problems({**base, **overrides}, path, None if base_ok else overrides)
+    if problems:
+        return None, problems
+    return LayerRule(values["match"], values["type"], values["enabled"], overrides), []
 
 
 @dataclass(frozen=True)
 class LayerRule:
-    """One ``quant.layers`` entry: which modules it selects and what it changes.
-
-    Args:
-        match: fnmatch pattern on the qualified module name (``*`` also spans dots).
-        type: families the rule applies to (a single string is accepted); None means any.
-        enabled: False leaves the selected modules uncompressed.
-        overrides: QuantSpec fields this rule sets (a mapping or (key, value) pairs); the values
-            are checked against the default by :class:`QuantConfig`, since e.g. ``mix_bits``
-            alone is fine when the default already has ``mix_prob``.
+    """One ``quant.layers`` entry: which modules it selects and what it changes; the fields are
+    documented in the schema (``qbackprop schema quant.layers``). The override values are
+    checked against the default by :class:`QuantConfig` (``mix_bits`` alone is fine when the
+    default already has ``mix_prob``).
 
     Raises:
         ConfigError: on a bad pattern, an unknown family or an unknown override key.
     """
 
-    match: str
-    type: tuple[str, ...] | None = None
-    enabled: bool = True
-    overrides: tuple[tuple[str, Any], ...] = ()
+    match: str = option(
+        kind=Text(expected='an fnmatch pattern on module names, e.g. "blocks.*"'),
+        doc="an fnmatch pattern on module names",
+    )
+    type: tuple[str, ...] | None = option(
+        None,
+        Names(FAMILIES, expected=f"a family or a list of families ({' | '.join(FAMILIES)})"),
+        "families the rule applies to; null: any",
+    )
+    enabled: bool = option(True, Bool(), "false leaves the selected modules uncompressed")
+    overrides: tuple[tuple[str, Any], ...] = option(
+        (),
+        _Overrides(),
+        "QuantSpec keys (bits, rounding, ...) and an optional preset, written "
+        "beside match in YAML; unset keys inherit quant.default",
+    )
 
     def __post_init__(self) -> None:
-        if self.type is not None:
-            family = (self.type,) if isinstance(self.type, str) else tuple(self.type)
-            object.__setattr__(self, "type", family)
-        given = dict(self.overrides)
-        problems = _match_errors(self.match, "LayerRule.match")
-        problems += _type_errors(self.type, "LayerRule.type")
-        problems += _bool_errors(self.enabled, "LayerRule.enabled")
-        problems += _unknown_keys("LayerRule.overrides", given, SPEC_KEYS)
-        if problems:
-            raise ConfigError(problems)
-        # canonical order and plain values, so equal rules compare and hash equal
-        plain = {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
-        object.__setattr__(self, "overrides", tuple((k, plain[k]) for k in SPEC_KEYS if k in plain))
+        validate(self, "LayerRule")
 
     def matches(self, name: str, family: str) -> bool:
         """Whether this rule selects module ``name`` of layer family ``family``."""
@@ -168,57 +191,76 @@ class LayerRule:
             out["type"] = list(self.type)
         if not self.enabled:
             out["enabled"] = False
-        out.update(self.overrides)
-        return out
+        return {**out, **dict(self.overrides)}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Which saved activations are compressed, and how, for a whole model.
+    """Which saved activations are compressed, and how, for a whole model; the fields are
+    documented in the schema (``qbackprop schema quant``, docs/config.md).
 
     Precedence in :meth:`spec_for`: the first rule in ``layers`` that matches wins; its overrides
     apply on top of ``default`` (unspecified keys inherit it); ``enabled: false`` means no
     compression; a module no rule matches gets ``default``.
 
-    Args:
-        default: the spec for every module no rule overrides.
-        layers: per-layer rules, in precedence order.
-        fallback: compress tensors saved by ops that have no custom autograd Function.
-        allow_unmatched: accept rules that match no module (otherwise an error).
-        fallback_min_numel: tensors smaller than this, saved by fallback ops, stay uncompressed.
-        share: a BatchNorm output (after its activation) that a converted conv, linear or
-            squeeze-excite layer consumes is stored once, as BatchNorm's x̂ at twice the bits,
-            and rebuilt for the consumer; likewise the squeeze-excite product. Same bytes as
-            two b-bit copies, far smaller gradient error (docs/design-notes.md).
-
     Raises:
         ConfigError: listing every problem, e.g. a rule override the default makes invalid.
     """
 
-    default: QuantSpec = field(default_factory=QuantSpec)
-    layers: tuple[LayerRule, ...] = ()
-    fallback: bool = True
-    allow_unmatched: bool = False
-    fallback_min_numel: int = 1024
-    share: bool = True
+    KEYS = (
+        "schema_version",
+        "default",
+        "layers",
+        "fallback",
+        "allow_unmatched",
+        "fallback_min_numel",
+        "share",
+    )
+
+    default: QuantSpec = option(
+        kind=_DefaultSpec(expected=f"a mapping of QuantSpec fields or {_PRESET}"),
+        factory=QuantSpec,
+        doc="the spec of every module no rule overrides: QuantSpec keys, a preset name, or "
+        "preset: NAME with keys on top",
+    )
+    layers: tuple[LayerRule, ...] = option(
+        (),
+        _Rules(expected="a list of rules (- match: PATTERN ...)"),
+        "per-layer rules; the first match wins",
+    )
+    fallback: bool = option(
+        True, Bool(), "compress tensors saved by ops that have no custom autograd Function"
+    )
+    allow_unmatched: bool = option(False, Bool(), "accept rules that match no module")
+    fallback_min_numel: int = option(
+        1024, Int(0), "tensors smaller than this, saved by fallback ops, stay uncompressed"
+    )
+    share: bool = option(
+        True,
+        Bool(),
+        "store a BatchNorm/LayerNorm output once, as x̂ at twice the bits, for "
+        "norm and consumer (same bytes, far less gradient error)",
+    )
+    schema_version: int = option(SCHEMA_VERSION, Int(1), "the config format version")
     # name, family -> spec; filled by spec_for, which runs once per module during conversion
     _spec_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
-        problems = []
-        if not isinstance(self.default, QuantSpec):
-            problems.append(_bad("quant.default", self.default, "a QuantSpec"))
-        for key, check in _FLAG_CHECKS.items():
-            problems += check(getattr(self, key), f"quant.{key}")
-        for i, rule in enumerate(self.layers):
-            if not isinstance(rule, LayerRule):
-                problems.append(_bad(f"quant.layers[{i}]", rule, "a LayerRule"))
-            elif isinstance(self.default, QuantSpec):
-                base = _spec_fields(self.default)
-                problems += _override_errors(base, True, dict(rule.overrides), f"quant.layers[{i}]")
-        if problems:
-            raise ConfigError(problems)
+        validate(self, "quant")
+
+    @staticmethod
+    def cross_problems(values: dict, failed: set, path: str) -> list[Problem]:
+        version = values["schema_version"]
+        if "schema_version" in failed or version <= SCHEMA_VERSION:
+            return []
+        return [
+            Problem(
+                join(path, "schema_version"),
+                sep="=",
+                message=f"{version!r} is newer than "
+                f"this qbackprop reads (up to {SCHEMA_VERSION}); upgrade qbackprop",
+            )
+        ]
 
     def spec_for(self, name: str, family: str) -> QuantSpec | None:
         """The spec for module ``name`` of ``family``; None when a rule disables it.
@@ -261,14 +303,11 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form of the ``quant:`` section; ``from_dict`` reads it back equal."""
+        out = {k: getattr(self, k) for k in self.KEYS}
         return {
-            "schema_version": SCHEMA_VERSION,
+            **out,
             "default": self.default.to_dict(),
-            "layers": [rule.to_dict() for rule in self.layers],
-            "fallback": self.fallback,
-            "allow_unmatched": self.allow_unmatched,
-            "fallback_min_numel": self.fallback_min_numel,
-            "share": self.share,
+            "layers": [r.to_dict() for r in self.layers],
         }
 
     @classmethod
@@ -282,134 +321,26 @@ class QuantConfig:
         Raises:
             ConfigError: one line per problem: source, key path, bad value, what is allowed.
         """
-        config, problems = _parse_quant(d, f"{source}: quant")
-        if problems:
-            raise ConfigError(problems)
-        return config
+        return _quant(d, f"{source}: quant")
 
 
-_DEFAULT_CONFIG = QuantConfig()
-
-
-# --- parsing a plain mapping --------------------------------------------------------------------
-
-
-def _parse_preset(value: Any, loc: str) -> tuple[dict[str, Any] | None, list[str]]:
-    if isinstance(value, str) and value in PRESETS:
-        return _spec_fields(QuantSpec.preset(value)), []
-    return None, [_bad(loc, value, _PRESET_HELP, tuple(PRESETS))]
-
-
-def _parse_default(raw: Any, loc: str) -> tuple[dict[str, Any], list[str]]:
-    """All QuantSpec fields of ``quant.default`` (a mapping, preset name or QuantSpec)."""
-    if raw is None or isinstance(raw, QuantSpec):
-        return _spec_fields(raw or QuantSpec()), []
-    if isinstance(raw, str):
-        fields, problems = _parse_preset(raw, loc)
-        return fields or _spec_fields(QuantSpec()), problems
-    if not isinstance(raw, Mapping):
-        return _spec_fields(QuantSpec()), [
-            _bad(loc, raw, f"a mapping of QuantSpec fields or {_PRESET_HELP}")
-        ]
-    problems = _unknown_keys(loc, raw, ("preset", *SPEC_KEYS))
-    base = None
-    if "preset" in raw:  # like a rule's preset: the named spec, then the explicit keys on top
-        base, errors = _parse_preset(raw["preset"], _key(loc, "preset"))
-        problems += errors
-    fields = {**(base or _spec_fields(QuantSpec())), **{k: raw[k] for k in SPEC_KEYS if k in raw}}
-    return fields, problems + spec_errors(types.SimpleNamespace(**fields), _key(loc, ""))
-
-
-def _parse_rule(
-    raw: Any, base: dict, base_ok: bool, loc: str
-) -> tuple[LayerRule | None, list[str]]:
-    if not isinstance(raw, Mapping):
-        return None, [_bad(loc, raw, 'a mapping with a "match" key')]
-    problems = _unknown_keys(loc, raw, RULE_KEYS)
-    if "match" in raw:
-        problems += _match_errors(raw["match"], _key(loc, "match"))
-    else:
-        problems.append(f'{loc}: missing required key "match" (an fnmatch pattern on module names)')
-    problems += _type_errors(raw.get("type"), _key(loc, "type"))
-    problems += _bool_errors(raw.get("enabled", True), _key(loc, "enabled"))
-    overrides = {k: raw[k] for k in SPEC_KEYS if k in raw}
-    if "preset" in raw:  # the preset replaces the default for this rule; explicit keys win
-        preset, errors = _parse_preset(raw["preset"], _key(loc, "preset"))
-        problems += errors
-        if preset is not None:
-            base, base_ok, overrides = preset, True, {**preset, **overrides}
-    problems += _override_errors(base, base_ok, overrides, loc)
+def _quant(raw: Any, path: str) -> QuantConfig:
+    values, problems = check_mapping(QuantConfig, raw, path)
     if problems:
-        return None, problems
-    return LayerRule(raw["match"], raw.get("type"), raw.get("enabled", True), overrides), []
-
-
-def _version_errors(version: Any, loc: str) -> list[str]:
-    errors = _int_errors(version, loc, 1, "an int >= 1")
-    if not errors and version > SCHEMA_VERSION:
-        errors.append(
-            f"{loc}={version!r} is newer than this qbackprop reads (up to {SCHEMA_VERSION}); "
-            "upgrade qbackprop"
-        )
-    return errors
-
-
-def _parse_layers(
-    raw: Any, base: dict, base_ok: bool, loc: str
-) -> tuple[tuple[LayerRule, ...], list[str]]:
-    if raw is None:
-        return (), []
-    if not isinstance(raw, list):
-        return (), [_bad(loc, raw, "a list of rules (- match: PATTERN ...)")]
-    rules, problems = [], []
-    for i, entry in enumerate(raw):
-        rule, errors = _parse_rule(entry, base, base_ok, f"{loc}[{i}]")
-        rules.append(rule)
-        problems += errors
-    return tuple(rules), problems
-
-
-def _parse_quant(d: Any, loc: str) -> tuple[QuantConfig | None, list[str]]:
-    """The config and every problem in quant section ``d``; ``loc`` is "<source>: <path>"."""
-    d = {} if d is None else d
-    if not isinstance(d, Mapping):
-        return None, [_bad(loc, d, f"a mapping with keys {', '.join(QUANT_KEYS)}")]
-    problems = _unknown_keys(loc, d, QUANT_KEYS)
-    problems += _version_errors(
-        d.get("schema_version", SCHEMA_VERSION), _key(loc, "schema_version")
-    )
-    base, errors = _parse_default(d.get("default"), _key(loc, "default"))
-    problems += errors
-    rules, errors = _parse_layers(d.get("layers"), base, not errors, _key(loc, "layers"))
-    problems += errors
-    flags = {k: d.get(k, getattr(_DEFAULT_CONFIG, k)) for k in _FLAG_CHECKS}
-    for key, check in _FLAG_CHECKS.items():
-        problems += check(flags[key], _key(loc, key))
-    if problems:
-        return None, problems
-    return QuantConfig(QuantSpec(**base), rules, **flags), []
+        raise ConfigError(problems)
+    return QuantConfig(**values)
 
 
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return f"{path}: YAML syntax error: {problem}"
-    return f"{path}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
 def load_yaml_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML config file.
 
-    Args:
-        path: the YAML file.
-
     Raises:
         ConfigError: naming the file when it is missing, a directory, empty, not valid YAML
-            (with line and column) or not a mapping at the top level.
+            (with line and column), a key is written twice in one mapping, or the top level
+            is not a mapping.
     """
     path = Path(path)
     if not path.exists():
@@ -419,7 +350,9 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
     try:
         data, duplicates = load_strict(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_error(path, exc)) from None
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or exc
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     if duplicates:
@@ -440,24 +373,24 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
 
 def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
     """The QuantConfig of a whole file's mapping (model/quant/train, or a bare quant section)."""
-    keys = set(raw)
-    if _BARE_QUANT_KEYS & keys and not keys & set(TOP_LEVEL_KEYS):
-        config, problems = _parse_quant(raw, f"{source}: ")
-    else:
-        # a quant key at the top level next to model:/train: is a quant: key mis-indented
-        misplaced = [k for k in raw if k in QUANT_KEYS]
-        problems = [
-            f"{source}: {k}: a quant key at the top level; indent it under quant:"
-            for k in misplaced
-        ]
-        others = {k: v for k, v in raw.items() if k not in QUANT_KEYS}
-        problems += _unknown_keys(f"{source}: ", others, TOP_LEVEL_KEYS)
-        config, errors = _parse_quant(raw.get("quant"), f"{source}: quant")
-        problems += errors
-        if "quant" not in raw:
-            problems.append(
-                f'{source}: no "quant:" section; add e.g. "quant: {{default: 2bit-stochastic}}"'
-            )
+    if _BARE_QUANT_KEYS & set(raw) and not set(raw) & set(TOP_LEVEL_KEYS):
+        return _quant(raw, f"{source}: ")
+    # a quant key at the top level next to model:/train: is a quant: key mis-indented
+    problems = [
+        f"{source}: {k}: a quant key at the top level; indent it under quant:"
+        for k in raw
+        if k in QuantConfig.KEYS
+    ]
+    others = {k: v for k, v in raw.items() if k not in QuantConfig.KEYS}
+    problems += unknown_keys(others, TOP_LEVEL_KEYS, f"{source}: ")
+    try:
+        config = _quant(raw.get("quant"), f"{source}: quant")
+    except ConfigError as exc:
+        problems += exc.details
+    if "quant" not in raw:
+        problems.append(
+            f'{source}: no "quant:" section; add e.g. "quant: {{default: 2bit-stochastic}}"'
+        )
     if problems:
         raise ConfigError(problems)
     return config

@@ -7,11 +7,17 @@ class QbackpropUserError(Exception):
     """A mistake in what the user gave (config, path, name), not a bug.
 
     Args:
-        problems: one line per problem; each names the file/key/value and what is allowed.
+        problems: one per problem, a line of text or a structured ``schema.Problem``; each
+            names the file/key/value and what is allowed.
+
+    Attributes:
+        problems: the lines, as printed.
+        details: what was given (``schema.Problem`` objects keep path, value and expected).
     """
 
-    def __init__(self, problems: list[str] | str) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+    def __init__(self, problems: list | str) -> None:
+        self.details = [problems] if isinstance(problems, str) else list(problems)
+        self.problems = [str(p) for p in self.details]
         super().__init__("\n".join(self.problems))
 
 

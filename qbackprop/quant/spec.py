@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from qbackprop.schema import Choice, Int, Number, Problem, join, option, validate
+
 
 class Rounding(str, Enum):
     """How a real value in code units becomes an integer code."""
@@ -47,61 +49,83 @@ class Storage(str, Enum):
 
 TENSOR_BUCKET = "tensor"
 FULL_PRECISION_BITS = 32
-_ENUM_FIELDS = {
-    "rounding": Rounding,
-    "scale": Scale,
-    "mix_granularity": MixGranularity,
-    "bucket_layout": BucketLayout,
-    "storage": Storage,
-}
-
-
-def _allowed(enum: type[Enum]) -> str:
-    return " | ".join(m.value for m in enum)
+_BITS = Int(1, FULL_PRECISION_BITS, expected="an integer from 1 to 32 (32 = full precision)")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one saved activation is compressed.
-
-    Args:
-        bits: code width, 1..32; 32 keeps the tensor as it is (no quantization).
-        rounding: ``"nearest"`` (Brevitas integer quantizer) or ``"stochastic"`` (unbiased).
-        bucket_size: elements sharing one scale, an int >= 2, or ``"tensor"`` for one scale per
-            tensor.
-        scale: ``"minmax"`` (affine), ``"absmax"`` or ``"l2"`` (symmetric).
-        mix_bits: optional second bit width, used per bucket (or tensor) with ``mix_prob``.
-        mix_prob: probability in [0, 1] of using ``mix_bits``; required with ``mix_bits``.
-        mix_granularity: ``"bucket"`` or ``"tensor"``: what the mix is drawn for.
-        bucket_layout: ``"flat"`` (memory order) or ``"channel"`` (buckets stay in one channel).
-        storage: ``"packed"`` (compress in forward) or ``"on_backward"`` (ablation, saves none).
+    """How one saved activation is compressed; each field is documented in the schema
+    (``qbackprop schema quant.default``, docs/config.md).
 
     Raises:
-        ValueError: naming the field, the value and what is allowed.
+        ConfigError: a ``ValueError`` naming the field, the value and what is allowed.
     """
 
-    bits: int = 2
-    rounding: Rounding | str = Rounding.STOCHASTIC
-    bucket_size: int | str = 512
-    scale: Scale | str = Scale.MINMAX
-    mix_bits: int | None = None
-    mix_prob: float | None = None
-    mix_granularity: MixGranularity | str = MixGranularity.BUCKET
-    bucket_layout: BucketLayout | str = BucketLayout.FLAT
-    storage: Storage | str = Storage.PACKED
+    bits: int = option(2, _BITS, "code width; 32 keeps the tensor as it is (no quantization)")
+    rounding: Rounding | str = option(
+        Rounding.STOCHASTIC,
+        Choice(enum=Rounding),
+        "nearest (Brevitas integer quantizer) or stochastic (unbiased)",
+    )
+    bucket_size: int | str = option(
+        512,
+        Int(2, also=(TENSOR_BUCKET,), expected='an integer >= 2 or "tensor"'),
+        'elements sharing one scale; "tensor": one scale per tensor',
+    )
+    scale: Scale | str = option(
+        Scale.MINMAX, Choice(enum=Scale), "minmax (affine), absmax or l2 (symmetric) range"
+    )
+    mix_bits: int | None = option(
+        None,
+        Int(1, FULL_PRECISION_BITS, nullable=True, expected=_BITS.expected),
+        "a second bit width, used with probability mix_prob",
+    )
+    mix_prob: float | None = option(
+        None,
+        Number(0.0, 1.0, nullable=True, expected="a number in [0, 1]"),
+        "probability of mix_bits; required with it",
+    )
+    mix_granularity: MixGranularity | str = option(
+        MixGranularity.BUCKET, Choice(enum=MixGranularity), "what the mix is drawn for"
+    )
+    bucket_layout: BucketLayout | str = option(
+        BucketLayout.FLAT,
+        Choice(enum=BucketLayout),
+        "flat (memory order) or channel (buckets stay in one channel)",
+    )
+    storage: Storage | str = option(
+        Storage.PACKED,
+        Choice(enum=Storage),
+        "packed (compress in forward) or on_backward (ablation: keeps full precision)",
+    )
 
     def __post_init__(self) -> None:
-        errors = spec_errors(self)
-        if errors:
-            raise ValueError("invalid QuantSpec: " + "; ".join(errors))
-        for name, enum in _ENUM_FIELDS.items():
-            object.__setattr__(self, name, enum(getattr(self, name)))
-        if self.mix_prob is not None:
-            object.__setattr__(self, "mix_prob", float(self.mix_prob))
+        validate(self, "QuantSpec")
         # The canonical string the compression ops take (ops.spec_key), made once per spec:
         # under torch.compile reading it is an attribute load, not a traced to_dict().
         fields = self.to_dict()
         object.__setattr__(self, "key", ";".join(f"{k}={fields[k]}" for k in sorted(fields)))
+
+    @staticmethod
+    def cross_problems(values: dict, failed: set, path: str) -> list[Problem]:
+        bits, prob = values.get("mix_bits"), values.get("mix_prob")
+        if bits is not None and prob is None and "mix_bits" not in failed:
+            return [
+                Problem(
+                    join(path, "mix_bits"),
+                    sep=" ",
+                    message="is set but mix_prob is not; give mix_prob in [0, 1]",
+                )
+            ]
+        if prob is not None and bits is None and "mix_prob" not in failed:
+            return [
+                Problem(
+                    join(path, "mix_prob"),
+                    sep=" ",
+                    message="is set but mix_bits is not; give mix_bits too",
+                )
+            ]
+        return []
 
     @property
     def enabled(self) -> bool:
@@ -156,44 +180,6 @@ class QuantSpec:
             raise ValueError(
                 f"unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}"
             ) from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def spec_errors(spec: Any, prefix: str = "") -> list[str]:
-    """Every problem with the fields of ``spec`` (a QuantSpec or anything with its attributes)."""
-    errors: list[str] = []
-
-    def bad(field: str, value: Any, allowed: str) -> None:
-        errors.append(f"{prefix}{field}={value!r} is not allowed; expected {allowed}")
-
-    def check_bits(field: str, value: Any) -> None:
-        if not _is_int(value) or not 1 <= value <= FULL_PRECISION_BITS:
-            bad(field, value, "an integer from 1 to 32 (32 = full precision)")
-
-    check_bits("bits", spec.bits)
-    for name, enum in _ENUM_FIELDS.items():
-        value = getattr(spec, name)
-        try:
-            enum(value)
-        except ValueError:
-            bad(name, value, _allowed(enum))
-    bucket = spec.bucket_size
-    if bucket != TENSOR_BUCKET and (not _is_int(bucket) or bucket < 2):
-        bad("bucket_size", bucket, 'an integer >= 2 or "tensor"')
-    if spec.mix_bits is not None:
-        check_bits("mix_bits", spec.mix_bits)
-        if spec.mix_prob is None:
-            errors.append(f"{prefix}mix_bits is set but mix_prob is not; give mix_prob in [0, 1]")
-    if spec.mix_prob is not None:
-        prob = spec.mix_prob
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
-            bad("mix_prob", prob, "a number in [0, 1]")
-        elif spec.mix_bits is None:
-            errors.append(f"{prefix}mix_prob is set but mix_bits is not; give mix_bits too")
-    return errors
 
 
 PRESETS = {

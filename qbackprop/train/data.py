@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.datasets.utils import download_and_extract_archive
 
-from qbackprop.errors import ConfigError, DatasetNotFoundError, QbackpropUserError
+from qbackprop.errors import DatasetNotFoundError, QbackpropUserError
+from qbackprop.schema import Bool, Choice, Int, Problem, Text, join, option, validate
 
 DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "synthetic")
 
@@ -42,83 +44,76 @@ _TRAIN_FRACTION = 0.8
 _MIN_IMAGE_SIZE = 8
 
 
+def download_problems(name: str, download: Any, path: str) -> list[Problem]:
+    if download is True and name == "imagefolder":
+        return [Problem(path, True, "false for imagefolder (there is nothing to download)")]
+    return []
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    """Which dataset to train on and how to prepare it.
-
-    Args:
-        name: one of ``DATASETS``.
-        root: folder holding the data (``<root>/cifar-10-batches-py``, ``<root>/tiny-imagenet-200``,
-            ``<root>/train`` for imagefolder, ...).
-        image_size: side of the square images fed to the model; ``None`` keeps the dataset's
-            native size (digits/CIFAR/synthetic 32, Tiny ImageNet 64, imagefolder 224).
-        augment: random crop with padding ``image_size // 8`` plus horizontal flip, train only.
-        download: let torchvision fetch CIFAR / Tiny ImageNet when missing (needs internet).
-        num_samples: synthetic only: training images (the test split has a quarter as many).
-        num_classes: synthetic: number of classes (default 10). Digits/CIFAR: filled in, and
-            checked if given. Tiny ImageNet/imagefolder: ``None`` (read from disk by
-            ``num_classes(spec)``), or a number that ``build_datasets`` checks against the disk.
+    """Which dataset to train on and how to prepare it (the ``train:`` section's data keys,
+    under these names; ``qbackprop schema data``). ``num_classes``: synthetic: the number of
+    classes (default 10); digits/CIFAR: filled in, and checked if given; Tiny ImageNet and
+    imagefolder: None (read from disk by ``num_classes(spec)``), or a number that
+    ``build_datasets`` checks against the disk.
 
     Raises:
         ConfigError: a ``ValueError`` listing every invalid field and what is allowed.
     """
 
-    name: str
-    root: str = "data"
-    image_size: int | None = None
-    augment: bool = True
-    download: bool = False
-    num_samples: int = 512
-    num_classes: int | None = None
+    name: str = option(kind=Choice(DATASETS), doc="the dataset")
+    root: str = option(
+        "data",
+        Text(paths=True, expected="a non-empty path"),
+        "folder holding the data (<root>/cifar-10-batches-py, <root>/tiny-imagenet-200, "
+        "<root>/train for imagefolder, ...)",
+    )
+    image_size: int | None = option(
+        None,
+        Int(
+            _MIN_IMAGE_SIZE,
+            nullable=True,
+            expected=f"null (native size) or an integer >= {_MIN_IMAGE_SIZE}",
+        ),
+        "square side fed to the model; null: native (digits/CIFAR/synthetic 32, Tiny "
+        "ImageNet 64, imagefolder 224)",
+    )
+    augment: bool = option(
+        True, Bool(), "random crop (padding image_size // 8) and horizontal flip, train split"
+    )
+    download: bool = option(
+        False, Bool(), "let torchvision fetch CIFAR / Tiny ImageNet when missing (internet)"
+    )
+    num_samples: int = option(
+        512, Int(1), "synthetic only: training images (the test split has a quarter as many)"
+    )
+    num_classes: int | None = option(
+        None, Int(2, nullable=True), "class count; null: the dataset's (read from disk if need be)"
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.root, os.PathLike):
-            object.__setattr__(self, "root", os.fspath(self.root))
-        problems = data_spec_errors(self)
-        if problems:
-            raise ConfigError(problems)
+        validate(self, "data")
         if self.num_classes is None and self.name in _FIXED_CLASSES:
             object.__setattr__(self, "num_classes", _FIXED_CLASSES[self.name])
         if self.num_classes is None and self.name == "synthetic":
             object.__setattr__(self, "num_classes", 10)
 
+    @staticmethod
+    def cross_problems(values: dict, failed: set, path: str) -> list[Problem]:
+        name, classes = values.get("name"), values.get("num_classes")
+        problems = download_problems(name, values.get("download"), join(path, "download"))
+        fixed = _FIXED_CLASSES.get(name)
+        if "num_classes" not in failed and fixed and classes not in (None, fixed):
+            problems.append(
+                Problem(join(path, "num_classes"), classes, f"null or {fixed} for {name}")
+            )
+        return problems
+
     @property
     def resolved_image_size(self) -> int:
         """``image_size``, or the dataset's native size when it is ``None``."""
         return self.image_size if self.image_size is not None else _NATIVE_SIZE[self.name]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def data_spec_errors(spec: DataSpec) -> list[str]:
-    """Every problem with the fields of ``spec``, one line each, naming field and allowed values."""
-    problems: list[str] = []
-
-    def bad(field: str, allowed: str) -> None:
-        problems.append(f"data.{field}={getattr(spec, field)!r} is not allowed; expected {allowed}")
-
-    if spec.name not in DATASETS:
-        bad("name", "one of " + ", ".join(DATASETS))
-    if not isinstance(spec.root, str) or not spec.root:
-        bad("root", "a non-empty path")
-    if spec.image_size is not None and (
-        not _is_int(spec.image_size) or spec.image_size < _MIN_IMAGE_SIZE
-    ):
-        bad("image_size", f"null (native size) or an integer >= {_MIN_IMAGE_SIZE}")
-    for field in ("augment", "download"):
-        if not isinstance(getattr(spec, field), bool):
-            bad(field, "true or false")
-    if not _is_int(spec.num_samples) or spec.num_samples < 1:
-        bad("num_samples", "an integer >= 1")
-    if spec.num_classes is not None and (not _is_int(spec.num_classes) or spec.num_classes < 2):
-        bad("num_classes", "null or an integer >= 2")
-    elif spec.name in _FIXED_CLASSES and spec.num_classes not in (None, _FIXED_CLASSES[spec.name]):
-        bad("num_classes", f"null or {_FIXED_CLASSES[spec.name]} for {spec.name}")
-    if spec.download is True and spec.name == "imagefolder":
-        bad("download", "false for imagefolder (there is nothing to download)")
-    return problems
 
 
 class TensorImageDataset(Dataset):
