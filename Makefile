@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # on the project's machines, so the install needs no large download.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test demo lint format docs bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix qbackprop tests scripts
 	$(VENV)/bin/ruff format qbackprop tests scripts
+
+# docs/config.md is generated from the schema; tests/test_schema.py checks it is current
+docs: install
+	$(VENV)/bin/qbackprop schema --markdown > docs/config.md
 
 bench: install
 	QBACKPROP_FUSED=1 $(PY) scripts/bench_compress.py --threads 1

@@ -28,6 +28,7 @@ EPILOG = """commands:
   train     train a model (dataset, schedule, AMP, seeds from the train: section)
   sweep     bit-width / rounding / bucket / mix sweeps and the layer-sensitivity study
   plot      PNG plots of a run or a sweep directory
+  schema    every config key: type, default, allowed values and doc (docs/config.md)
 
 examples:
   qbackprop convert configs/efficientnetv2_cifar10_2bit.yaml --batch-size 64
@@ -39,6 +40,7 @@ examples:
   qbackprop train configs/digits_demo.yaml --out runs/demo train.epochs=3
   qbackprop sweep configs/digits_demo.yaml --bits 2,4,32 --seeds 3 --out runs/sweep
   qbackprop plot runs/sweep
+  qbackprop schema train
 
 A config or usage mistake exits with code 2 and one line per problem on stderr.
 """
@@ -114,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     from .fidelity_cli import add_fidelity_parser
+    from .schema_cli import add_schema_parser
     from .train.cli_commands import add_train_parsers
     from .tune_cli import add_tune_parser
 
     add_fidelity_parser(sub)
     add_tune_parser(sub)
     add_train_parsers(sub)
+    add_schema_parser(sub)
     return parser
 
 

@@ -173,8 +173,9 @@ class LayerRule:
     overrides: tuple[tuple[str, Any], ...] = option(
         (),
         _Overrides(),
-        "QuantSpec keys (bits, rounding, ...) and an optional preset, written "
-        "beside match in YAML; unset keys inherit quant.default",
+        "QuantSpec keys written beside match (unset ones inherit quant.default); preset: NAME "
+        "starts from that preset instead",
+        shown="<quant.default keys>, preset",
     )
 
     def __post_init__(self) -> None:

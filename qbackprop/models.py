@@ -59,7 +59,7 @@ class ModelSpec:
     input_size: tuple[int, int, int] = option(
         (3, 32, 32),
         IntList(3, 1, expected="[C, H, W], three ints >= 1"),
-        "(C, H, W) of one sample; absent: 3 x train.image_size",
+        "(C, H, W) of one sample; absent: (3, S, S), S = train.image_size",
     )
     kwargs: Mapping[str, Any] = option(
         kind=Table(), factory=dict, doc="extra model-constructor arguments (e.g. drop_rate)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -276,9 +276,12 @@ class Table(Kind):
 # --- sections: dataclasses whose fields are options ---------------------------------------------
 
 
-def option(default: Any = REQUIRED, kind: Kind = Kind(), doc: str = "", *, factory=None) -> Any:
-    """A dataclass field that the schema knows: its default, :class:`Kind` and doc line."""
-    meta = {"kind": kind, "doc": doc}
+def option(
+    default: Any = REQUIRED, kind: Kind = Kind(), doc: str = "", *, factory=None, shown=None
+) -> Any:
+    """A dataclass field the schema knows: its default, :class:`Kind` and doc line; ``shown``:
+    how docs name the key when YAML does not write it as the field's name."""
+    meta = {"kind": kind, "doc": doc, "shown": shown}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -352,13 +355,12 @@ def from_mapping(cls: type, raw: Any, path: str) -> Any:
     return cls(**values)
 
 
-def validate(obj: Any, path: str, error: Callable[[list], Exception] = ConfigError) -> None:
+def validate(obj: Any, path: str) -> None:
     """Check a constructed section's own fields (from ``__post_init__``) and normalize them."""
-    values, problems = check_values(
-        type(obj), {f.name: getattr(obj, f.name) for f in options(type(obj))}, path
-    )
+    # fields of the instance, not of type(obj): torch.compile traces specs made in forward
+    values, problems = check_values(obj, {f.name: getattr(obj, f.name) for f in options(obj)}, path)
     if problems:
-        raise error(problems)
+        raise ConfigError(problems)
     for name, value in values.items():
         object.__setattr__(obj, name, value)
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import torch
+
 from qbackprop.schema import Choice, Int, Number, Problem, join, option, validate
 
 
@@ -100,7 +102,10 @@ class QuantSpec:
     )
 
     def __post_init__(self) -> None:
-        validate(self, "QuantSpec")
+        # Under torch.compile the only specs made are derived in forward (wider copies, gate
+        # bits) from checked ones by our own code, and the schema's kinds are not traceable.
+        if not torch.compiler.is_compiling():
+            validate(self, "QuantSpec")
         # The canonical string the compression ops take (ops.spec_key), made once per spec:
         # under torch.compile reading it is an attribute load, not a traced to_dict().
         fields = self.to_dict()
