@@ -10,44 +10,34 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
 from .quant.spec import PRESETS, QuantSpec
 from .schema import (
-    Bool,
-    Int,
     Kind,
-    Names,
     Problem,
-    Text,
+    boolean,
     check_mapping,
     check_values,
+    integer,
     join,
+    names,
     option,
     suggest,
+    text,
     unknown_keys,
     validate,
 )
-from .strict_yaml import load_strict
+from .strict_yaml import load_yaml_file
 
-FAMILIES = (
-    "conv",
-    "linear",
-    "batchnorm",
-    "norm",
-    "activation",
-    "elementwise",
-    "pool",
-    "attention",
-    "dropout",
-)
+FAMILIES = ("conv", "linear", "batchnorm", "norm", "activation", "elementwise", "pool",
+            "attention", "dropout")  # fmt: skip
 SCHEMA_VERSION = 1
 TOP_LEVEL_KEYS = ("model", "quant", "train")
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = ("match", "type", "enabled", "preset", *SPEC_KEYS)
 _BARE_QUANT_KEYS = {"default", "layers", "fallback"}  # a file with these but no quant: section
 _PRESET = f"a preset name ({', '.join(PRESETS)})"
+_DEFAULT_EXPECTED = f"a mapping of QuantSpec fields or {_PRESET}"
 
 
 def _plain(spec: QuantSpec) -> dict[str, Any]:
@@ -70,63 +60,45 @@ def _spec_problems(fields: dict, path: str, only: Iterable[str] | None = None) -
     return problems
 
 
-class _Overrides(Kind):
+def _overrides(value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
     """QuantSpec keys a rule sets, as canonical ``(key, value)`` pairs."""
-
-    def check(self, value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        given = dict(value)
-        problems = unknown_keys(given, SPEC_KEYS, path)
-        plain = {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
-        return tuple((k, plain[k]) for k in SPEC_KEYS if k in plain), problems
-
-
-class _DefaultSpec(Kind):
-    """``quant.default``: a QuantSpec, a preset name, or QuantSpec keys (``preset:`` first)."""
-
-    children = {k: None for k in ("preset", *SPEC_KEYS)}
-    type_name = "mapping"
-
-    def check(self, raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        """A QuantSpec when valid; otherwise the fields as far as they could be read."""
-        if raw is None or isinstance(raw, QuantSpec):
-            return raw or QuantSpec(), []
-        if isinstance(raw, str):
-            fields, problems = _preset(raw, path)
-        elif isinstance(raw, Mapping):
-            problems = unknown_keys(raw, tuple(self.children), path)
-            fields = None
-            if "preset" in raw:  # like a rule's preset: the named spec, the explicit keys on top
-                fields, errors = _preset(raw["preset"], join(path, "preset"))
-                problems += errors
-            fields = {
-                **(fields or _plain(QuantSpec())),
-                **{k: raw[k] for k in SPEC_KEYS if k in raw},
-            }
-            problems += _spec_problems(fields, path)
-        else:
-            fields, problems = None, [Problem(path, raw, self.expected)]
-        return (QuantSpec(**fields) if not problems else fields or _plain(QuantSpec())), problems
+    given = dict(value)
+    plain = {k: v.value if isinstance(v, Enum) else v for k, v in given.items()}
+    return tuple((k, plain[k]) for k in SPEC_KEYS if k in plain), unknown_keys(
+        given, SPEC_KEYS, path
+    )
 
 
-class _Rules(Kind):
-    """``quant.layers``: LayerRules or their mappings, each checked on top of the default."""
-
-    type_name = "list"
-
-    def check(self, raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        if raw is None:
-            return (), []
-        if not isinstance(raw, (list, tuple)):
-            return (), [Problem(path, raw, self.expected)]
-        base = context.get("default")
-        base_ok = isinstance(base, QuantSpec)
-        base = _plain(base) if base_ok else base or _plain(QuantSpec())
-        rules, problems = [], []
-        for i, entry in enumerate(raw):
-            rule, errors = _rule(entry, base, base_ok, f"{path}[{i}]")
-            rules.append(rule)
+def _default_spec(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+    """``quant.default`` (a QuantSpec, a preset name, or QuantSpec keys with an optional
+    ``preset:`` under them) as a QuantSpec; when invalid, its fields as far as they were read."""
+    if raw is None or isinstance(raw, QuantSpec):
+        return raw or QuantSpec(), []
+    if isinstance(raw, str):
+        fields, problems = _preset(raw, path)
+    elif isinstance(raw, Mapping):
+        problems, fields = unknown_keys(raw, ("preset", *SPEC_KEYS), path), None
+        if "preset" in raw:  # like a rule's preset: the named spec, the explicit keys on top
+            fields, errors = _preset(raw["preset"], join(path, "preset"))
             problems += errors
-        return tuple(rules), problems
+        fields = {**(fields or _plain(QuantSpec())), **{k: raw[k] for k in SPEC_KEYS if k in raw}}
+        problems += _spec_problems(fields, path)
+    else:
+        fields, problems = None, [Problem(path, raw, _DEFAULT_EXPECTED)]
+    return (QuantSpec(**fields) if not problems else fields or _plain(QuantSpec())), problems
+
+
+def _rules(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+    """``quant.layers``: LayerRules or their mappings, each checked on top of the default."""
+    if raw is None:
+        return (), []
+    if not isinstance(raw, (list, tuple)):
+        return (), [Problem(path, raw, "a list of rules (- match: PATTERN ...)")]
+    base = context.get("default")
+    base_ok = isinstance(base, QuantSpec)
+    base = _plain(base) if base_ok else base or _plain(QuantSpec())
+    checked = [_rule(entry, base, base_ok, f"{path}[{i}]") for i, entry in enumerate(raw)]
+    return tuple(r for r, _ in checked), [p for _, errors in checked for p in errors]
 
 
 def _rule(raw: Any, base: dict, base_ok: bool, path: str) -> tuple[Any, list[Problem]]:
@@ -161,18 +133,18 @@ class LayerRule:
     """
 
     match: str = option(
-        kind=Text(expected='an fnmatch pattern on module names, e.g. "blocks.*"'),
+        kind=text(expected='an fnmatch pattern on module names, e.g. "blocks.*"'),
         doc="an fnmatch pattern on module names",
     )
     type: tuple[str, ...] | None = option(
         None,
-        Names(FAMILIES, expected=f"a family or a list of families ({' | '.join(FAMILIES)})"),
+        names(FAMILIES, expected=f"a family or a list of families ({' | '.join(FAMILIES)})"),
         "families the rule applies to; null: any",
     )
-    enabled: bool = option(True, Bool(), "false leaves the selected modules uncompressed")
+    enabled: bool = option(True, boolean(), "false leaves the selected modules uncompressed")
     overrides: tuple[tuple[str, Any], ...] = option(
         (),
-        _Overrides(),
+        Kind("QuantSpec keys", custom=_overrides),
         "QuantSpec keys written beside match (unset ones inherit quant.default); preset: NAME "
         "starts from that preset instead",
         shown="<quant.default keys>, preset",
@@ -219,30 +191,35 @@ class QuantConfig:
     )
 
     default: QuantSpec = option(
-        kind=_DefaultSpec(expected=f"a mapping of QuantSpec fields or {_PRESET}"),
+        kind=Kind(
+            _DEFAULT_EXPECTED,
+            type_name="mapping",
+            custom=_default_spec,
+            children=dict.fromkeys(("preset", *SPEC_KEYS)),
+        ),  # fmt: skip
         factory=QuantSpec,
         doc="the spec of every module no rule overrides: QuantSpec keys, a preset name, or "
         "preset: NAME with keys on top",
     )
     layers: tuple[LayerRule, ...] = option(
         (),
-        _Rules(expected="a list of rules (- match: PATTERN ...)"),
+        Kind("a list of rules (- match: PATTERN ...)", type_name="list", custom=_rules),
         "per-layer rules; the first match wins",
     )
     fallback: bool = option(
-        True, Bool(), "compress tensors saved by ops that have no custom autograd Function"
+        True, boolean(), "compress tensors saved by ops that have no custom autograd Function"
     )
-    allow_unmatched: bool = option(False, Bool(), "accept rules that match no module")
+    allow_unmatched: bool = option(False, boolean(), "accept rules that match no module")
     fallback_min_numel: int = option(
-        1024, Int(0), "tensors smaller than this, saved by fallback ops, stay uncompressed"
+        1024, integer(0), "tensors smaller than this, saved by fallback ops, stay uncompressed"
     )
     share: bool = option(
         True,
-        Bool(),
+        boolean(),
         "store a BatchNorm/LayerNorm output once, as x̂ at twice the bits, for "
         "norm and consumer (same bytes, far less gradient error)",
     )
-    schema_version: int = option(SCHEMA_VERSION, Int(1), "the config format version")
+    schema_version: int = option(SCHEMA_VERSION, integer(1), "the config format version")
     # name, family -> spec; filled by spec_for, which runs once per module during conversion
     _spec_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -333,43 +310,6 @@ def _quant(raw: Any, path: str) -> QuantConfig:
 
 
 # --- files ---------------------------------------------------------------------------------------
-
-
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML config file.
-
-    Raises:
-        ConfigError: naming the file when it is missing, a directory, empty, not valid YAML
-            (with line and column), a key is written twice in one mapping, or the top level
-            is not a mapping.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file (looked in {Path.cwd()} for relative paths)")
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory; expected a YAML file")
-    try:
-        data, duplicates = load_strict(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or exc
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    if duplicates:
-        raise ConfigError(
-            [
-                f"{path}: line {second}: key {key!r} is given twice in one mapping (first at "
-                f"line {first}); YAML would keep the last one silently: delete one"
-                for key, first, second in duplicates
-            ]
-        )
-    expected = f"a mapping with keys {', '.join(TOP_LEVEL_KEYS)}"
-    if data is None:
-        raise ConfigError(f"{path}: file is empty; expected {expected}")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level is a {type(data).__name__}; expected {expected}")
-    return data
 
 
 def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .schema import Int, IntList, Kind, Table, from_mapping, option, validate
+from .schema import Kind, from_mapping, int_list, integer, mapping, option, validate
 
 TORCHVISION_PREFIX = "tv:"
 
@@ -24,21 +24,17 @@ def _known_models(name: str) -> list[str]:
     return timm.list_models()
 
 
-class _ModelName(Kind):
-    """A timm model name, or ``tv:NAME`` for torchvision; close names are suggested."""
+def _is_model(name: Any) -> bool:
+    if not isinstance(name, str) or name.startswith(TORCHVISION_PREFIX):
+        return isinstance(name, str) and name in _known_models(name)
+    import timm
 
-    type_name = "str"
+    return timm.is_model(name)
 
-    def ok(self, name: Any) -> bool:
-        if not isinstance(name, str) or name.startswith(TORCHVISION_PREFIX):
-            return isinstance(name, str) and name in _known_models(name)
-        import timm
 
-        return timm.is_model(name)
-
-    def hint(self, name: Any) -> str:
-        close = difflib.get_close_matches(str(name), _known_models(str(name)), n=3, cutoff=0.6)
-        return f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+def _close_models(name: Any) -> str:
+    close = difflib.get_close_matches(str(name), _known_models(str(name)), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
 
 
 @dataclass(frozen=True)
@@ -52,17 +48,17 @@ class ModelSpec:
 
     name: str = option(
         "efficientnetv2_rw_t",
-        _ModelName(expected="a timm model name or tv:NAME"),
+        Kind("a timm model name or tv:NAME", _is_model, hint=_close_models, type_name="str"),
         "a timm model name, or tv:NAME for torchvision (e.g. tv:resnet18)",
     )
-    num_classes: int = option(10, Int(1), "classifier outputs; absent: the dataset's class count")
+    num_classes: int = option(10, integer(1), "classifier outputs; absent: the dataset's")
     input_size: tuple[int, int, int] = option(
         (3, 32, 32),
-        IntList(3, 1, expected="[C, H, W], three ints >= 1"),
+        int_list(3, 1, expected="[C, H, W], three ints >= 1"),
         "(C, H, W) of one sample; absent: (3, S, S), S = train.image_size",
     )
     kwargs: Mapping[str, Any] = option(
-        kind=Table(), factory=dict, doc="extra model-constructor arguments (e.g. drop_rate)"
+        kind=mapping(), factory=dict, doc="extra model-constructor arguments (e.g. drop_rate)"
     )
 
     def __post_init__(self) -> None:

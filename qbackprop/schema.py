@@ -10,12 +10,15 @@ reported at once. ``qbackprop schema`` and docs/config.md print the same declara
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any
+
+import yaml
 
 from .errors import ConfigError
 
@@ -98,187 +101,128 @@ def is_number(value: Any) -> bool:
 
 # --- kinds: what one key accepts ---------------------------------------------------------------
 
+Check = Callable[[Any, str, Mapping], tuple[Any, list[Problem]]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """What one key accepts; ``expected`` is the text shown when a value is refused."""
+    """What one key accepts, made by the functions below (``integer(1)``, ``choice(...)``).
 
-    expected: str = dataclasses.field(default="", kw_only=True)
-    type_name = "any"
-    children: ClassVar[Mapping[str, Any] | None] = None  # keys below this one (overrides)
+    Args:
+        expected: the words for what is allowed, shown when a value is refused.
+        ok: whether a value is accepted; ``normalize``: how an accepted one is stored.
+        hint: a suggestion for a refused value (e.g. the closest choice).
+        type_name: the type, as docs show it; ``nullable``: null is accepted too.
+        children: the keys below this one, where dotted overrides may go (None: not checked).
+        custom: ``(value, path, earlier values) -> (value, problems)`` replacing the above, for
+            a nested section (a spec, a list of rules).
+    """
 
-    def ok(self, value: Any) -> bool:
-        return True
-
-    def normalize(self, value: Any) -> Any:
-        return value
-
-    def hint(self, value: Any) -> str:
-        return ""
+    expected: str = ""
+    ok: Callable[[Any], bool] = lambda v: True
+    normalize: Callable[[Any], Any] = lambda v: v
+    hint: Callable[[Any], str] = lambda v: ""
+    type_name: str = "any"
+    nullable: bool = False
+    children: Mapping[str, Any] | None = None
+    custom: Check | None = None
 
     def check(self, value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        """``(normalized value, problems)``; ``context`` holds the section's earlier keys."""
+        """``(stored value, problems)``; ``context`` holds the section's earlier keys."""
+        if self.custom is not None:
+            return self.custom(value, path, context)
+        if self.nullable and value is None:
+            return None, []
         if self.ok(value):
             return self.normalize(value), []
         return value, [Problem(path, value, self.expected, self.hint(value))]
 
 
-@dataclasses.dataclass(frozen=True)
-class Int(Kind):
-    low: int = 0
-    high: int | None = None
-    nullable: bool = False
-    also: tuple = ()  # other values accepted as they are, e.g. "tensor"
-    type_name = "int"
-
-    def __post_init__(self) -> None:
-        if not self.expected:
-            rng = f"in [{self.low}, {self.high}]" if self.high is not None else f">= {self.low}"
-            object.__setattr__(self, "expected", ("null or " * self.nullable) + f"an int {rng}")
-
-    def ok(self, v: Any) -> bool:
-        if (self.nullable and v is None) or (isinstance(v, str) and v in self.also):
-            return True
-        return is_int(v) and v >= self.low and (self.high is None or v <= self.high)
+def _range(low: float, high: float | None, op: str = ">=") -> str:
+    return f"in [{low:g}, {high:g}]" if high is not None else f"{op} {low:g}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Number(Kind):
-    low: float = 0.0
-    high: float | None = None
-    nullable: bool = False
-    above: bool = False  # strictly greater than low
-    type_name = "number"
-
-    def __post_init__(self) -> None:
-        if not self.expected:
-            rng = (
-                f"in [{self.low:g}, {self.high:g}]"
-                if self.high is not None
-                else (f"{'>' if self.above else '>='} {self.low:g}")
-            )
-            object.__setattr__(self, "expected", ("null or " * self.nullable) + f"a number {rng}")
-
-    def ok(self, v: Any) -> bool:
-        if self.nullable and v is None:
-            return True
-        return (
-            is_number(v)
-            and (v > self.low if self.above else v >= self.low)
-            and (self.high is None or v <= self.high)
-        )
-
-    def normalize(self, v: Any) -> Any:
-        return None if v is None else float(v)
+def integer(low=0, high=None, *, nullable=False, also=(), expected="") -> Kind:
+    """An int in ``[low, high]``; ``also``: other values taken as they are (``"tensor"``)."""
+    return Kind(
+        expected or "null or " * nullable + f"an int {_range(low, high)}",
+        lambda v: (is_int(v) and v >= low and (high is None or v <= high)) or v in also,
+        type_name="int",
+        nullable=nullable,
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class Bool(Kind):
-    expected: str = dataclasses.field(default="true or false", kw_only=True)
-    type_name = "bool"
-
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class Choice(Kind):
-    values: tuple[str, ...] = ()
-    enum: type[Enum] | None = None
-    aliases: Mapping[Any, str] = dataclasses.field(default_factory=dict)  # e.g. YAML's off: false
-    type_name = "choice"
-
-    def __post_init__(self) -> None:
-        if self.enum is not None:
-            object.__setattr__(self, "values", tuple(m.value for m in self.enum))
-        if not self.expected:
-            object.__setattr__(self, "expected", " | ".join(self.values))
-
-    def normalize(self, v: Any) -> Any:
-        v = self.aliases.get(v, v) if isinstance(v, Hashable) else v
-        return self.enum(v) if self.enum is not None else v
-
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, Hashable) and self.aliases.get(v, v) in self.values
-
-    def hint(self, v: Any) -> str:
-        return suggest(v, self.values)
+def number(low=0.0, high=None, *, nullable=False, above=False, expected="") -> Kind:
+    """A number in ``[low, high]`` (``above``: strictly greater than ``low``), stored as float."""
+    return Kind(
+        expected or "null or " * nullable + f"a number {_range(low, high, '>' * above or '>=')}",
+        lambda v: is_number(v) and (v > low if above else v >= low) and (high is None or v <= high),
+        float,
+        type_name="number",
+        nullable=nullable,
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class Text(Kind):
-    """A non-empty string (or a path, for ``paths=True``)."""
-
-    paths: bool = False
-    type_name = "str"
-
-    def ok(self, v: Any) -> bool:
-        return bool(isinstance(v, str) or (self.paths and isinstance(v, os.PathLike))) and bool(
-            os.fspath(v) if self.paths and isinstance(v, os.PathLike) else v
-        )
-
-    def normalize(self, v: Any) -> Any:
-        return os.fspath(v) if isinstance(v, os.PathLike) else v
+def boolean() -> Kind:
+    return Kind("true or false", lambda v: isinstance(v, bool), type_name="bool")
 
 
-@dataclasses.dataclass(frozen=True)
-class Names(Kind):
-    """One name or a list of names from ``values``; null means any."""
+def choice(values: Sequence[str] = (), *, enum: type[Enum] | None = None, aliases=None) -> Kind:
+    """One of ``values`` (or of ``enum``'s values, stored as the enum); ``aliases`` maps other
+    spellings to a value (YAML 1.1 reads a bare ``off`` as false)."""
+    values, aliases = tuple(m.value for m in enum) if enum else tuple(values), aliases or {}
 
-    values: tuple[str, ...] = ()
-    type_name = "list"
+    def canonical(v: Any) -> Any:
+        return aliases.get(v, v) if isinstance(v, Hashable) else v
 
-    def check(self, value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        if value is None:
-            return None, []
-        names = [value] if isinstance(value, str) else value
-        if not isinstance(names, (list, tuple)) or not names:
-            return value, [Problem(path, value, self.expected)]
+    return Kind(
+        " | ".join(values),
+        lambda v: isinstance(v, Hashable) and canonical(v) in values,
+        lambda v: enum(canonical(v)) if enum else canonical(v),
+        lambda v: suggest(v, values),
+        type_name="choice",
+    )
+
+
+def text(expected: str, *, paths: bool = False) -> Kind:
+    """A non-empty string (or, with ``paths``, an ``os.PathLike``, stored as str)."""
+    types = (str, os.PathLike) if paths else str
+    return Kind(expected, lambda v: isinstance(v, types) and bool(os.fspath(v)), os.fspath,
+                type_name="str")  # fmt: skip
+
+
+def names(values: Sequence[str], expected: str) -> Kind:
+    """One name or a non-empty list of names from ``values`` (stored as a tuple); null: any."""
+
+    def check(value: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+        given = [value] if isinstance(value, str) else value
+        if value is not None and (not isinstance(given, (list, tuple)) or not given):
+            return value, [Problem(path, value, expected)]
         bad = [
-            Problem(path, n, self.expected, suggest(n, self.values))
-            for n in names
-            if n not in self.values
+            Problem(path, n, expected, suggest(n, values)) for n in given or () if n not in values
         ]
-        return (value, bad) if bad else (tuple(names), [])
+        return (value, bad) if bad else (None if value is None else tuple(given), [])
+
+    return Kind(expected, type_name="list", custom=check)
 
 
-@dataclasses.dataclass(frozen=True)
-class IntList(Kind):
-    length: int = 3
-    low: int = 1
-    type_name = "list"
-
-    def ok(self, v: Any) -> bool:
-        return (
-            isinstance(v, (list, tuple))
-            and len(v) == self.length
-            and all(is_int(i) and i >= self.low for i in v)
-        )
-
-    def normalize(self, v: Any) -> Any:
-        return tuple(v)
+def int_list(length: int, low: int, expected: str) -> Kind:
+    ok = lambda v: (
+        isinstance(v, (list, tuple)) and len(v) == length and all(is_int(i) and i >= low for i in v)
+    )
+    return Kind(expected, ok, tuple, type_name="list")
 
 
-@dataclasses.dataclass(frozen=True)
-class Table(Kind):
-    """A free mapping, passed on as it is (checked by whoever reads it)."""
-
-    expected: str = dataclasses.field(default="a mapping", kw_only=True)
-    type_name = "mapping"
-
-    def ok(self, v: Any) -> bool:
-        return isinstance(v, Mapping)
-
-    def normalize(self, v: Any) -> Any:
-        return dict(v)
+def mapping() -> Kind:
+    """A free mapping, passed on as a dict (checked by whoever reads it)."""
+    return Kind("a mapping", lambda v: isinstance(v, Mapping), dict, type_name="mapping")
 
 
 # --- sections: dataclasses whose fields are options ---------------------------------------------
 
 
-def option(
-    default: Any = REQUIRED, kind: Kind = Kind(), doc: str = "", *, factory=None, shown=None
-) -> Any:
+def option(default: Any = REQUIRED, kind: Kind = Kind(), doc: str = "", *, factory=None,
+           shown=None) -> Any:  # fmt: skip
     """A dataclass field the schema knows: its default, :class:`Kind` and doc line; ``shown``:
     how docs name the key when YAML does not write it as the field's name."""
     meta = {"kind": kind, "doc": doc, "shown": shown}
@@ -371,25 +315,76 @@ def check_key(cls: type, name: str, value: Any, path: str) -> list[Problem]:
     return f.metadata["kind"].check(value, path, {})[1]
 
 
-def key_problem(path: Sequence[str], roots: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(unknown dotted key, suggestion)`` when ``path`` names no key of the schema.
+# --- dotted KEY=VALUE overrides ----------------------------------------------------------------
 
-    ``roots`` maps top-level names to sections; below a key whose kind declares no
-    ``children`` (a free mapping, a list, a value) nothing is checked here.
-    """
+
+def _children(node: Any) -> Mapping[str, Any] | None:
+    """The keys below a schema node (a section or a kind); None where they are not declared."""
+    if isinstance(node, type) and dataclasses.is_dataclass(node):
+        kinds = {f.name: f.metadata["kind"] for f in options(node)}
+        return {k: kinds.get(k) for k in keys(node)}
+    return node.children if isinstance(node, Kind) else None
+
+
+def _set(out: dict, path: list[str], value: Any, roots: Mapping[str, Any]) -> str | None:
+    """Set ``value`` at ``path`` in ``out``, checking the keys against the schema on the way."""
+    node: Any = out
     children: Mapping[str, Any] | None = roots
     for depth, part in enumerate(path):
-        if children is None:
-            return None
-        if part not in children:
+        if children is not None and part not in children:
             prefix = "".join(f"{p}." for p in path[:depth])
             hint = suggest(part, tuple(children), prefix) or f"allowed: {', '.join(children)}"
-            return prefix + part, hint
-        node = children[part]
-        if isinstance(node, type) and dataclasses.is_dataclass(node):
-            children = {
-                k: {f.name: f.metadata["kind"] for f in options(node)}.get(k) for k in keys(node)
-            }
-        else:
-            children = getattr(node, "children", None)
+            return f"unknown key {prefix}{part}; {hint}"
+        children = _children(children[part]) if children is not None else None
+        index = int(part) if part.isdigit() else None
+        if isinstance(node, list) and (index is None or index >= len(node)):
+            return f"{part} is not an index of a list of {len(node)}"
+        slot = index if isinstance(node, list) else part
+        if depth == len(path) - 1:
+            node[slot] = value
+            return None
+        child = node[slot] if isinstance(node, list) else node.get(part)
+        if child is None:
+            child = node[slot] = {}
+        elif isinstance(child, str) and "preset" in (children or ()):
+            child = node[slot] = {"preset": child}  # "default: 2bit-stochastic", then .bits=4
+        elif not isinstance(child, (dict, list)):
+            return f"{'.'.join(path[: depth + 1])} is {child!r}, not a mapping"
+        node = child
     return None
+
+
+def apply_overrides(
+    raw: Mapping[str, Any], overrides: Sequence[str], roots: Mapping[str, Any], source: str
+) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``raw`` with each ``a.b.c=VALUE`` set (VALUE read as YAML), and the problems.
+
+    Keys are checked against the sections in ``roots`` (with a close-match suggestion);
+    values are checked afterwards by the walker, like values in the file. List items are
+    addressed by index (``quant.layers.0.bits=8``). A bad override is skipped, not fatal.
+    """
+    out, problems = copy.deepcopy(dict(raw)), []
+    for text in overrides:
+        key, sep, value_text = text.partition("=")
+        path = key.strip().split(".")
+        if not sep or not key.strip() or any(not p for p in path):
+            why = "expected KEY=VALUE, e.g. train.epochs=3"
+        else:
+            try:
+                why = _set(out, path, yaml.safe_load(value_text) if value_text.strip() else None,
+                           roots)  # fmt: skip
+            except yaml.YAMLError as exc:
+                why = f"{key} value is not valid YAML: {exc}"
+        if why:
+            problems.append(f"{source}: override {text!r}: {why}")
+    return out, problems
+
+
+def mark_overridden(problems: list, overrides: Sequence[str]) -> list:
+    """Say which problems an override (rather than the file) set the value of."""
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    marked = []
+    for p in problems:
+        hits = [k for k in keys if isinstance(p, Problem) and f"{p.key}.".startswith(f"{k}.")]
+        marked.append(dataclasses.replace(p, note=f"set by override {hits[-1]}") if hits else p)
+    return marked

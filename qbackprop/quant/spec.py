@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qbackprop.schema import Choice, Int, Number, Problem, join, option, validate
+from qbackprop.schema import Problem, choice, integer, join, number, option, validate
 
 
 class Rounding(str, Enum):
@@ -51,7 +51,7 @@ class Storage(str, Enum):
 
 TENSOR_BUCKET = "tensor"
 FULL_PRECISION_BITS = 32
-_BITS = Int(1, FULL_PRECISION_BITS, expected="an integer from 1 to 32 (32 = full precision)")
+_BITS = integer(1, FULL_PRECISION_BITS, expected="an integer from 1 to 32 (32 = full precision)")
 
 
 @dataclass(frozen=True)
@@ -66,38 +66,38 @@ class QuantSpec:
     bits: int = option(2, _BITS, "code width; 32 keeps the tensor as it is (no quantization)")
     rounding: Rounding | str = option(
         Rounding.STOCHASTIC,
-        Choice(enum=Rounding),
+        choice(enum=Rounding),
         "nearest (Brevitas integer quantizer) or stochastic (unbiased)",
     )
     bucket_size: int | str = option(
         512,
-        Int(2, also=(TENSOR_BUCKET,), expected='an integer >= 2 or "tensor"'),
+        integer(2, also=(TENSOR_BUCKET,), expected='an integer >= 2 or "tensor"'),
         'elements sharing one scale; "tensor": one scale per tensor',
     )
     scale: Scale | str = option(
-        Scale.MINMAX, Choice(enum=Scale), "minmax (affine), absmax or l2 (symmetric) range"
+        Scale.MINMAX, choice(enum=Scale), "minmax (affine), absmax or l2 (symmetric) range"
     )
     mix_bits: int | None = option(
         None,
-        Int(1, FULL_PRECISION_BITS, nullable=True, expected=_BITS.expected),
+        integer(1, FULL_PRECISION_BITS, nullable=True, expected=_BITS.expected),
         "a second bit width, used with probability mix_prob",
     )
     mix_prob: float | None = option(
         None,
-        Number(0.0, 1.0, nullable=True, expected="a number in [0, 1]"),
+        number(0.0, 1.0, nullable=True, expected="a number in [0, 1]"),
         "probability of mix_bits; required with it",
     )
     mix_granularity: MixGranularity | str = option(
-        MixGranularity.BUCKET, Choice(enum=MixGranularity), "what the mix is drawn for"
+        MixGranularity.BUCKET, choice(enum=MixGranularity), "what the mix is drawn for"
     )
     bucket_layout: BucketLayout | str = option(
         BucketLayout.FLAT,
-        Choice(enum=BucketLayout),
+        choice(enum=BucketLayout),
         "flat (memory order) or channel (buckets stay in one channel)",
     )
     storage: Storage | str = option(
         Storage.PACKED,
-        Choice(enum=Storage),
+        choice(enum=Storage),
         "packed (compress in forward) or on_backward (ablation: keeps full precision)",
     )
 

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from qbackprop import schema
 from qbackprop.config import QuantConfig, load_yaml_file
 from qbackprop.errors import ConfigError
 from qbackprop.models import ModelSpec
 from qbackprop.schema import (
-    Choice,
-    Int,
     Kind,
-    Number,
     Problem,
     check_mapping,
+    choice,
     from_mapping,
-    key_problem,
+    integer,
+    is_number,
     like,
+    number,
     option,
     unknown_keys,
     validate,
@@ -45,7 +43,8 @@ _DATA_KEYS = {
     "download": "download",
     "num_samples": "num_samples",
 }
-_PROBABILITY = Number(0.0, 1.0, expected="a probability in [0, 1]")
+_SCHEDULE_EXPECTED = "null, a probability in [0, 1], or {start: P, end: P}"
+_PROBABILITY = number(0.0, 1.0, expected="a probability in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -68,21 +67,16 @@ class MixProbSchedule:
         return self.start if self.start == self.end else {"start": self.start, "end": self.end}
 
 
-class _Schedule(Kind):
-    """null, one probability, or ``{start, end}``."""
-
-    children = {"start": None, "end": None}
-    type_name = "mapping"
-
-    def check(self, raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-        if raw is None or isinstance(raw, MixProbSchedule):
-            return raw, []
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            raw = {"start": raw, "end": raw}
-        if not isinstance(raw, Mapping):
-            return raw, [Problem(path, raw, self.expected)]
-        values, problems = check_mapping(MixProbSchedule, raw, path)
-        return (MixProbSchedule(**values) if not problems else raw), problems
+def _schedule(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+    """null, one probability (constant), or ``{start, end}``."""
+    if raw is None or isinstance(raw, MixProbSchedule):
+        return raw, []
+    if is_number(raw):
+        raw = {"start": raw, "end": raw}
+    if not isinstance(raw, Mapping):
+        return raw, [Problem(path, raw, _SCHEDULE_EXPECTED)]
+    values, problems = check_mapping(MixProbSchedule, raw, path)
+    return (MixProbSchedule(**values) if not problems else raw), problems
 
 
 @dataclass(frozen=True)
@@ -102,57 +96,62 @@ class TrainSpec:
     augment: bool = like(DataSpec, "augment")
     download: bool = like(DataSpec, "download")
     num_samples: int = like(DataSpec, "num_samples")
-    batch_size: int = option(128, Int(1), "images per step (per process under DDP/FSDP)")
-    epochs: int = option(50, Int(1), "epochs to train (--resume continues up to this)")
+    batch_size: int = option(128, integer(1), "images per step (per process under DDP/FSDP)")
+    epochs: int = option(50, integer(1), "epochs to train (--resume continues up to this)")
     optimizer: str = option(
-        "adamw", Choice(OPTIMIZERS), "adamw (decoupled weight decay) or sgd (Nesterov momentum)"
+        "adamw", choice(OPTIMIZERS), "adamw (decoupled weight decay) or sgd (Nesterov momentum)"
     )
-    lr: float = option(1e-3, Number(0.0), "peak learning rate")
-    weight_decay: float = option(0.05, Number(0.0), "on weights only, not biases or norms")
-    momentum: float = option(0.9, Number(0.0, 1.0), "SGD momentum")
+    lr: float = option(1e-3, number(0.0), "peak learning rate")
+    weight_decay: float = option(0.05, number(0.0), "on weights only, not biases or norms")
+    momentum: float = option(0.9, number(0.0, 1.0), "SGD momentum")
     schedule: str = option(
         "cosine",
-        Choice(SCHEDULES),
+        choice(SCHEDULES),
         "cosine (to min_lr), step (x step_gamma every step_epochs), onecycle (up over 30% of "
         "steps from lr/25, then down) or constant",
     )
     warmup_epochs: float = option(
-        1.0, Number(0.0), "linear warmup from 0 (cosine, step, constant; fractions allowed)"
+        1.0, number(0.0), "linear warmup from 0 (cosine, step, constant; fractions allowed)"
     )
-    min_lr: float = option(0.0, Number(0.0), "final learning rate of cosine")
-    step_epochs: int = option(30, Int(1), "epochs between decays of step")
-    step_gamma: float = option(0.1, Number(0.0, 1.0), "decay factor of step")
-    label_smoothing: float = option(0.05, Number(0.0, 1.0), "cross-entropy label smoothing")
+    min_lr: float = option(0.0, number(0.0), "final learning rate of cosine")
+    step_epochs: int = option(30, integer(1), "epochs between decays of step")
+    step_gamma: float = option(0.1, number(0.0, 1.0), "decay factor of step")
+    label_smoothing: float = option(0.05, number(0.0, 1.0), "cross-entropy label smoothing")
     grad_clip_norm: float | None = option(
         1.0,
-        Number(0.0, above=True, nullable=True, expected="null (no clipping) or a number > 0"),
+        number(0.0, above=True, nullable=True, expected="null (no clipping) or a number > 0"),
         "clip the global gradient norm to this; null: no clipping",
     )
     amp: str = option(
         "off",
-        Choice(AMP_MODES, aliases={False: "off"}),  # YAML 1.1 reads a bare `off` as false
+        choice(AMP_MODES, aliases={False: "off"}),  # YAML 1.1 reads a bare `off` as false
         "off, bf16 (CPU and CUDA) or fp16 (CUDA, with a GradScaler)",
     )
-    device: str = option("auto", Choice(DEVICES), "auto (CUDA when available), cpu or cuda")
-    seed: int = option(0, Int(0), "seeds weights, data order, augmentation and rounding")
-    workers: int = option(0, Int(0), "DataLoader worker processes")
+    device: str = option("auto", choice(DEVICES), "auto (CUDA when available), cpu or cuda")
+    seed: int = option(0, integer(0), "seeds weights, data order, augmentation and rounding")
+    workers: int = option(0, integer(0), "DataLoader worker processes")
     mix_prob_schedule: MixProbSchedule | None = option(
         None,
-        _Schedule(expected="null, a probability in [0, 1], or {start: P, end: P}"),
+        Kind(
+            _SCHEDULE_EXPECTED,
+            type_name="mapping",
+            custom=_schedule,
+            children=dict.fromkeys(("start", "end")),
+        ),  # fmt: skip
         "null keeps quant.default.mix_prob; a number or {start, end} sets it per epoch "
         "(linear); needs quant.default.mix_bits",
     )
     max_steps_per_epoch: int | None = option(
-        None, Int(1, nullable=True), "stop each epoch after this many steps (smoke tests)"
+        None, integer(1, nullable=True), "stop each epoch after this many steps (smoke tests)"
     )
     retune_every: int | None = option(
         None,
-        Int(1, nullable=True),
+        integer(1, nullable=True),
         "re-run qbackprop tune every this many steps at the bytes quant: keeps (one process)",
     )
     distributed: str = option(
         "ddp",
-        Choice(DISTRIBUTED),
+        choice(DISTRIBUTED),
         "under torchrun: ddp, or fsdp (FSDP2 fully_shard per block, then the whole model)",
     )
 
@@ -284,7 +283,7 @@ def run_config_from_dict(
         ConfigError: every problem of every section at once.
     """
     # a bad override is skipped, not fatal: the file's own problems are reported with it
-    raw, problems = _apply(raw, overrides, source)
+    raw, problems = schema.apply_overrides(raw, overrides, SECTIONS, source)
     problems += unknown_keys(raw, tuple(SECTIONS), f"{source}: ")
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
@@ -308,7 +307,7 @@ def run_config_from_dict(
                 )
             )
     if problems:
-        raise ConfigError(_mark_overridden(problems, overrides))
+        raise ConfigError(schema.mark_overridden(problems, overrides))
     return RunConfig(model, sections["quant"], train, source, from_data)
 
 
@@ -325,73 +324,16 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
     return run_config_from_dict(load_yaml_file(path), source=str(path), overrides=overrides)
 
 
-# --- overrides ----------------------------------------------------------------------------------
-
-
-def _override(text: str, out: dict) -> str | None:
-    """Set one ``a.b.c=VALUE`` (VALUE read as YAML) in ``out``; why not, when it cannot."""
-    key, sep, value_text = text.partition("=")
-    path = key.strip().split(".")
-    if not sep or not key.strip() or any(not p for p in path):
-        return "expected KEY=VALUE, e.g. train.epochs=3"
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
-    except yaml.YAMLError as exc:
-        return f"{key} value is not valid YAML: {exc}"
-    unknown = key_problem(path, SECTIONS)
-    if unknown:
-        return f"unknown key {unknown[0]}; {unknown[1]}"
-    node: Any = out
-    for depth, part in enumerate(path):
-        index = int(part) if part.isdigit() else None
-        if isinstance(node, list) and (index is None or index >= len(node)):
-            return f"{part} is not an index of a list of {len(node)}"
-        slot = index if isinstance(node, list) else part
-        if depth == len(path) - 1:
-            node[slot] = value
-            break
-        child = node[slot] if isinstance(node, list) else node.get(part)
-        if child is None:
-            child = node[slot] = {}
-        elif isinstance(child, str) and path[:2] == ["quant", "default"]:
-            child = node[slot] = {"preset": child}  # "default: 2bit-stochastic", then .bits=4
-        elif not isinstance(child, (dict, list)):
-            return f"{'.'.join(path[: depth + 1])} is {child!r}, not a mapping"
-        node = child
-    return None
-
-
-def _apply(raw: Mapping[str, Any], overrides: Sequence[str], source: str) -> tuple[dict, list]:
-    out = copy.deepcopy(dict(raw))
-    problems = [
-        f"{source}: override {text!r}: {why}" for text in overrides if (why := _override(text, out))
-    ]
-    return out, problems
-
-
 def apply_overrides(
     raw: Mapping[str, Any], overrides: Sequence[str], *, source: str = "<dict>"
 ) -> dict[str, Any]:
-    """A copy of ``raw`` with each dotted ``KEY=VALUE`` set; VALUE is parsed as YAML.
-
-    Keys are checked against the schema (with a close-match suggestion); values are checked
-    afterwards by the sections' own validation, like values in the file. List items are
-    addressed by index: ``quant.layers.0.bits=8``.
+    """A copy of ``raw`` with each dotted ``KEY=VALUE`` set; VALUE is parsed as YAML (see
+    :func:`qbackprop.schema.apply_overrides`).
 
     Raises:
         ConfigError: every malformed override or unknown key at once.
     """
-    out, problems = _apply(raw, overrides, source)
+    out, problems = schema.apply_overrides(raw, overrides, SECTIONS, source)
     if problems:
         raise ConfigError(problems)
     return out
-
-
-def _mark_overridden(problems: list, overrides: Sequence[str]) -> list:
-    """Say which problems an override (rather than the file) set the value of."""
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    marked = []
-    for p in problems:
-        hits = [k for k in keys if isinstance(p, Problem) and f"{p.key}.".startswith(f"{k}.")]
-        marked.append(dataclasses.replace(p, note=f"set by override {hits[-1]}") if hits else p)
-    return marked

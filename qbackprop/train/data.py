@@ -16,7 +16,7 @@ from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.datasets.utils import download_and_extract_archive
 
 from qbackprop.errors import DatasetNotFoundError, QbackpropUserError
-from qbackprop.schema import Bool, Choice, Int, Problem, Text, join, option, validate
+from qbackprop.schema import Problem, boolean, choice, integer, join, option, text, validate
 
 DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "synthetic")
 
@@ -62,16 +62,16 @@ class DataSpec:
         ConfigError: a ``ValueError`` listing every invalid field and what is allowed.
     """
 
-    name: str = option(kind=Choice(DATASETS), doc="the dataset")
+    name: str = option(kind=choice(DATASETS), doc="the dataset")
     root: str = option(
         "data",
-        Text(paths=True, expected="a non-empty path"),
+        text(paths=True, expected="a non-empty path"),
         "folder holding the data (<root>/cifar-10-batches-py, <root>/tiny-imagenet-200, "
         "<root>/train for imagefolder, ...)",
     )
     image_size: int | None = option(
         None,
-        Int(
+        integer(
             _MIN_IMAGE_SIZE,
             nullable=True,
             expected=f"null (native size) or an integer >= {_MIN_IMAGE_SIZE}",
@@ -80,16 +80,18 @@ class DataSpec:
         "ImageNet 64, imagefolder 224)",
     )
     augment: bool = option(
-        True, Bool(), "random crop (padding image_size // 8) and horizontal flip, train split"
+        True, boolean(), "random crop (padding image_size // 8) and horizontal flip, train split"
     )
     download: bool = option(
-        False, Bool(), "let torchvision fetch CIFAR / Tiny ImageNet when missing (internet)"
+        False, boolean(), "let torchvision fetch CIFAR / Tiny ImageNet when missing (internet)"
     )
     num_samples: int = option(
-        512, Int(1), "synthetic only: training images (the test split has a quarter as many)"
+        512, integer(1), "synthetic only: training images (the test split has a quarter as many)"
     )
     num_classes: int | None = option(
-        None, Int(2, nullable=True), "class count; null: the dataset's (read from disk if need be)"
+        None,
+        integer(2, nullable=True),
+        "class count; null: the dataset's (read from disk if need be)",
     )
 
     def __post_init__(self) -> None:
