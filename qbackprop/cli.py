@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, QbackpropUserError
+from .schema import Problem
 
 EXIT_USAGE = 2
 MiB = 2**20
@@ -165,7 +166,7 @@ def _build_converted(args):
     from .surgery import convert_model
 
     if args.batch_size < 1:
-        raise QbackpropUserError(f"--batch-size={args.batch_size} is not allowed; expected >= 1")
+        raise QbackpropUserError(str(Problem("--batch-size", args.batch_size, ">= 1")))
     model_spec, quant = load_model_and_quant(args.config, args.input_size)
     model = model_spec.build()
     try:
@@ -179,7 +180,7 @@ def _build_converted(args):
 # --- commands -----------------------------------------------------------------------------
 
 
-def _table(rows: list[list[Any]], headers: list[str]) -> str:
+def format_table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [headers] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
@@ -229,7 +230,7 @@ def cmd_convert(args) -> int:
         [r.name, r.module_type, r.spec.short() if r.converted else f"skipped: {r.reason}", r.keeps]
         for r in plan
     ]
-    print(_table(rows, ["layer", "type", "plan", "keeps"]))
+    print(format_table(rows, ["layer", "type", "plan", "keeps"]))
     converted = sum(r.converted for r in plan)
     print(
         f"\n{model_spec.name}: {converted} of {len(plan)} layers converted; "
@@ -272,7 +273,9 @@ def cmd_memory(args) -> int:
             f"{(report.fp32_bytes - report.stored_bytes) / MiB:.3f}", f"{report.ratio:.2f}x",
         ])  # fmt: skip
         print(
-            _table(table, [args.by, "elements", "fp32 MiB", "converted MiB", "saved MiB", "ratio"])
+            format_table(
+                table, [args.by, "elements", "fp32 MiB", "converted MiB", "saved MiB", "ratio"]
+            )
         )
     if args.plot:
         from .plots import memory_bar_chart

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FAMILIES, LayerRule, QuantConfig, as_quant_config
+from .schema import Problem
 from .surgery import ConversionRow, conversion_report, convert_model
 
 GROUP_BY = ("family", "block", "layer")
@@ -97,7 +98,7 @@ def _finite(value: float) -> float | None:
 # --- gradients ----------------------------------------------------------------------------------
 
 
-def _flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The cross-entropy gradient of every trainable parameter as one float64 vector."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
@@ -107,7 +108,7 @@ def _flat_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.cat([g.flatten() for g in grads]).double()
 
 
-def _measurement_copy(model: nn.Module) -> nn.Module:
+def measurement_copy(model: nn.Module) -> nn.Module:
     """A copy in eval mode (no dropout) except BatchNorm, which uses batch statistics as in
     training: the exact gradient is then a fixed target and only the compression is random."""
     model = copy.deepcopy(model)
@@ -121,13 +122,13 @@ def _measurement_copy(model: nn.Module) -> nn.Module:
 def _converted(model: nn.Module, cfg: QuantConfig, keep: Keep = None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nothing to convert.*")
-        return convert_model(_measurement_copy(model), cfg, filter_fn=keep)
+        return convert_model(measurement_copy(model), cfg, filter_fn=keep)
 
 
 def _minibatch_variance(model: nn.Module, batches: Sequence[Batch], step) -> float:
     total = sq = None
     for x, y in batches:
-        g = _flat_grad(model, x, y)
+        g = flat_grad(model, x, y)
         total = g if total is None else total + g
         sq = g.square().sum() if sq is None else sq + g.square().sum()
         step()
@@ -141,11 +142,11 @@ def _compression_noise(
 ) -> tuple[float, torch.Tensor]:
     """(mean over draws of ||g_q - g||^2, mean of the draws) on one batch."""
     x, y = batch
-    _flat_grad(model, x, y)  # the first step learns which outputs are shared: not counted
+    flat_grad(model, x, y)  # the first step learns which outputs are shared: not counted
     step()
     sq, mean = 0.0, torch.zeros_like(exact)
     for _ in range(draws):
-        g = _flat_grad(model, x, y)
+        g = flat_grad(model, x, y)
         sq += float((g - exact).square().sum())
         mean += g / draws
         step()
@@ -299,9 +300,9 @@ def measure_fidelity(
         ConfigError: ``cfg`` is invalid or its rules match no module of ``model``.
     """
     if by is not None and by not in GROUP_BY:
-        raise ValueError(f"by={by!r} is not allowed; expected one of {', '.join(GROUP_BY)}")
+        raise ValueError(str(Problem("by", by, f"one of {', '.join(GROUP_BY)}")))
     if draws < 1:
-        raise ValueError(f"draws={draws} is not allowed; expected >= 1")
+        raise ValueError(str(Problem("draws", draws, ">= 1")))
     cfg = as_quant_config(cfg)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -317,13 +318,13 @@ def measure_fidelity(
     work = len(variance_batches) + 1 + (1 + draws) + len(jobs) * (1 + group_draws)
     with tqdm(total=work, desc="gradient fidelity", disable=not progress, leave=False) as bar:
         step = bar.update
-        fp32 = _measurement_copy(model)
+        fp32 = measurement_copy(model)
         variance = _minibatch_variance(fp32, variance_batches, step)
         if variance == 0.0:
             raise ValueError(
                 "the fp32 gradients of all minibatches are identical; pass different batches"
             )
-        exact = _flat_grad(fp32, *batches[0])
+        exact = flat_grad(fp32, *batches[0])
         step()
         del fp32
         noise, mean = _compression_noise(total_model, batches[0], exact, draws, step)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, QbackpropUserError
 from .fidelity import GROUP_BY, MAX_GROUP_DRAWS, FidelityReport, measure_fidelity
+from .schema import Problem
 
 VARIANCE_BATCHES = 16  # minibatches besides batch 0, for the fp32 gradient variance
 WARMUP_LR = 1e-3
@@ -78,7 +79,7 @@ def _check_args(args: argparse.Namespace) -> None:
     limits = {"--batch-size": (args.batch_size, 1), "--draws": (args.draws, 1)}
     limits["--warmup-steps"] = (args.warmup_steps, 0)
     problems = [
-        f"{flag}={value} is not allowed; expected >= {low}"
+        str(Problem(flag, value, f">= {low}"))
         for flag, (value, low) in limits.items()
         if value < low
     ]
@@ -167,12 +168,12 @@ def _load_weights(model: nn.Module, path: str, config_path: str) -> None:
 
 
 def _print_report(report: FidelityReport, header: str) -> None:
-    from .cli import _table
+    from .cli import format_table
 
     rows = [[g.name, g.family, f"{g.ratio:.3g}"] for g in report.groups]
     rows.append(["total", "all", f"{report.ratio:.3g}"])
     print(header)
-    print(_table(rows, ["group", "family", "ratio"]))
+    print(format_table(rows, ["group", "family", "ratio"]))
     print(
         f"\nratio: {report.ratio:.3g}x the fp32 SGD noise (minibatch gradient variance "
         f"{report.minibatch_variance:.4g})\nbias: the mean of {report.draws} draws is off by "

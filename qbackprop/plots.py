@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 MiB = 2**20
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -26,7 +26,7 @@ def _pyplot():
 
 def memory_bar_chart(rows: Sequence[LayerMemory], path: str | Path, title: str = "") -> Path:
     """Bars of fp32 vs converted saved-activation MiB per block; returns the path written."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r.name for r in rows]
     fp32 = [r.fp32_bytes / MiB for r in rows]
     conv = [r.stored_bytes / MiB for r in rows]
@@ -54,7 +54,7 @@ def fidelity_bar_chart(report: FidelityReport, path: str | Path, title: str = ""
     Returns:
         The path written.
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = [g.name for g in report.groups]
     ratios = [g.ratio for g in report.groups]
     positive = [r for r in [*ratios, report.ratio] if r > 0 and math.isfinite(r)]
@@ -89,7 +89,7 @@ def tune_bits_chart(model, result, path: str | Path, title: str = "") -> Path:
     """
     from .blocks import block_namer
 
-    plt = _pyplot()
+    plt = pyplot()
     name_of = block_namer(model)
     weight: dict[str, float] = {}
     bits: dict[str, float] = {}

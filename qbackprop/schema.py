@@ -232,13 +232,16 @@ def option(default: Any = REQUIRED, kind: Kind = Kind(), doc: str = "", *, facto
 
 
 def like(cls: type, name: str, **changes: Any) -> Any:
-    """An option declared like ``cls.name`` (kind and doc), e.g. under another key."""
+    """An option declared like ``cls.name`` (kind and doc) under another key; ``metadata["like"]``
+    keeps the original name (``train.dataset`` is ``DataSpec.name``)."""
     f = {x.name: x for x in dataclasses.fields(cls)}[name]
-    return option(
+    made = option(
         changes.get("default", f.default),
         changes.get("kind", f.metadata["kind"]),
         changes.get("doc", f.metadata["doc"]),
     )
+    made.metadata = {**made.metadata, "like": name}
+    return made
 
 
 def options(cls: type) -> list[dataclasses.Field]:

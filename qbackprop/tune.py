@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig, as_quant_config
 from .errors import QbackpropUserError
-from .fidelity import Batch, _flat_grad, _measurement_copy, measure_fidelity
+from .fidelity import Batch, flat_grad, measure_fidelity, measurement_copy
 from .layers.registry import QuantizedModule
 from .memory import measure_saved_activations
 from .quant import QuantSpec
+from .schema import Problem
 from .surgery import conversion_report, convert_model
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -83,10 +84,8 @@ def parse_budget(text: str | float) -> Budget:
         text = str(text)
     match = _BUDGET.match(str(text))
     if match is None or float(match.group(1)) <= 0:
-        raise ValueError(
-            f"--budget={text!r} is not allowed; expected average bits per element (2.1), "
-            "a ratio to fp32 (15x) or MiB of saved activations (24MiB)"
-        )
+        expected = "average bits per element (2.1), a ratio to fp32 (15x) or MiB of saved "
+        raise ValueError(str(Problem("--budget", text, expected + "activations (24MiB)")))
     value, unit = float(match.group(1)), (match.group(2) or "").lower()
     return Budget({"": "bits", "x": "ratio", "mib": "mib"}[unit], value)
 
@@ -163,7 +162,7 @@ def _uniform(cfg: QuantConfig, bits: int) -> QuantConfig:
 def _convert(model: nn.Module, cfg: QuantConfig, example) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert_model(_measurement_copy(model), cfg, example_input=example)
+        return convert_model(measurement_copy(model), cfg, example_input=example)
 
 
 def layer_bytes(
@@ -213,12 +212,12 @@ def sensitivities(
     modules = {n: m for n, m in converted.named_modules() if isinstance(m, QuantizedModule)}
     spec = _uniform(cfg, probe_bits).default
     _set_only(modules, None, spec)
-    exact = _flat_grad(converted, x, y)
+    exact = flat_grad(converted, x, y)
     out = {}
     for name in tqdm(names, desc="layer sensitivity", disable=not progress, leave=False):
         _set_only(modules, name, spec)
         noise = sum(
-            float((_flat_grad(converted, x, y) - exact).square().sum()) for _ in range(draws)
+            float((flat_grad(converted, x, y) - exact).square().sum()) for _ in range(draws)
         )
         out[name] = noise / draws
     return out

@@ -49,7 +49,7 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print(result: TuneResult, header: str) -> None:
-    from .cli import _table
+    from .cli import format_table
 
     print(header)
     if result.note:
@@ -61,7 +61,7 @@ def _print(result: TuneResult, header: str) -> None:
         [c.name, c.family, f"{c.average_bits:.2f}", f"{c.predicted_bytes / 1024:.1f}"] for c in top
     ]
     print("layers with the most bits:")
-    print(_table(rows, ["layer", "family", "bits", "KiB"]))
+    print(format_table(rows, ["layer", "family", "bits", "KiB"]))
     ratio = "not measured" if result.measured_ratio is None else f"{result.measured_ratio:.3g}"
     print(
         f"\nbudget {result.budget}: {result.budget_bytes / MiB:.3f} MiB "

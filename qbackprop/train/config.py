@@ -23,6 +23,7 @@ from qbackprop.schema import (
     like,
     number,
     option,
+    options,
     unknown_keys,
     validate,
 )
@@ -34,15 +35,6 @@ SCHEDULES = ("cosine", "step", "onecycle", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
-# DataSpec field -> its key in the train: section
-_DATA_KEYS = {
-    "name": "dataset",
-    "root": "data_root",
-    "image_size": "image_size",
-    "augment": "augment",
-    "download": "download",
-    "num_samples": "num_samples",
-}
 _SCHEDULE_EXPECTED = "null, a probability in [0, 1], or {start: P, end: P}"
 _PROBABILITY = number(0.0, 1.0, expected="a probability in [0, 1]")
 
@@ -169,9 +161,10 @@ class TrainSpec:
             num_classes: the model's class count, checked against the dataset; None reads it
                 from the dataset.
         """
-        return DataSpec(
-            **{f: getattr(self, k) for f, k in _DATA_KEYS.items()}, num_classes=num_classes
-        )
+        data = {
+            f.metadata["like"]: getattr(self, f.name) for f in options(self) if "like" in f.metadata
+        }
+        return DataSpec(**data, num_classes=num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form of the section; ``from_dict`` reads it back equal."""

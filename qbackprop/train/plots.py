@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qbackprop.errors import QbackpropUserError
-from qbackprop.plots import _pyplot
+from qbackprop.plots import pyplot
 
 from .metrics import METRICS_NAME, read_metrics
 from .sweep import RUNS_NAME, SUMMARY_NAME
@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -46,7 +46,7 @@ def plot_accuracy_curves(runs: Mapping[str, str | Path], path: str | Path, title
         path: the PNG to write.
         title: figure title.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, run_dir in runs.items():
         rows = read_metrics(run_dir)
@@ -67,7 +67,7 @@ def plot_accuracy_curves(runs: Mapping[str, str | Path], path: str | Path, title
 
 def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """accuracy.png and loss.png (train and test vs epoch) of one run."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = read_metrics(run_dir)
     epochs = [r["epoch"] for r in rows]
     written = []
@@ -105,7 +105,7 @@ def _by_bits(
     log_y: bool = False,
 ) -> Path:
     """One line per series (rounding, bucket, mix) over bits; fp32 as a dashed reference."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[Mapping[str, Any]]] = {}
     for row in summary:
@@ -143,7 +143,7 @@ def _nan0(value: Any) -> float:
 
 
 def _by_layer(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in summary if r.get("layer") is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 4.5))
     labels = [f"{r['layer']} @{_fmt(r['bits'])}b" for r in rows]

@@ -19,6 +19,7 @@ from qbackprop.blocks import block_namer
 from qbackprop.config import LayerRule, QuantConfig
 from qbackprop.errors import ConfigError
 from qbackprop.quant import QuantSpec
+from qbackprop.schema import Problem
 from qbackprop.surgery import conversion_report, convert_model
 
 from .checkpoint import CHECKPOINT_NAME
@@ -123,7 +124,7 @@ def _with_seeds(
 
 def _check_seeds(seeds: int) -> None:
     if not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"--seeds={seeds!r} is not allowed; expected an int >= 1")
+        raise ConfigError(str(Problem("--seeds", seeds, "an int >= 1")))
 
 
 def plan_bit_sweep(
