@@ -64,8 +64,8 @@ class Swap:
     Args:
         source: the original module type.
         mixin: a ``QuantizedModule`` subclass overriding ``forward``.
-        family: ``conv | linear | batchnorm | norm | activation | elementwise | pool`` (for
-            ``type:`` rules).
+        family: one of ``config.FAMILIES`` (``conv``, ``linear``, ..., ``attention``,
+            ``dropout``), as ``type:`` rules name it.
         check: optional ``module -> reason`` that returns why a module cannot be converted
             (e.g. an unsupported option), or None when it can.
     """

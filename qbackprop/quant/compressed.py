@@ -105,7 +105,7 @@ class CompressedTensor:
 
     @property
     def nbytes(self) -> int:
-        """True bytes held: codes, per-bucket metadata, mix mask and non-finite table."""
+        """True bytes held: codes, per-bucket metadata and mix mask."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
