@@ -16,8 +16,8 @@ from .schema import (
     Kind,
     Problem,
     boolean,
-    check_mapping,
     check_values,
+    from_mapping,
     integer,
     join,
     names,
@@ -37,6 +37,7 @@ SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = ("match", "type", "enabled", "preset", *SPEC_KEYS)
 _BARE_QUANT_KEYS = {"default", "layers", "fallback"}  # a file with these but no quant: section
 _PRESET = f"a preset name ({', '.join(PRESETS)})"
+_DEFAULT_KEYS = dict.fromkeys(("preset", *SPEC_KEYS))  # keys under quant.default, for overrides
 _DEFAULT_EXPECTED = f"a mapping of QuantSpec fields or {_PRESET}"
 
 
@@ -77,7 +78,7 @@ def _default_spec(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Prob
     if isinstance(raw, str):
         fields, problems = _preset(raw, path)
     elif isinstance(raw, Mapping):
-        problems, fields = unknown_keys(raw, ("preset", *SPEC_KEYS), path), None
+        problems, fields = unknown_keys(raw, tuple(_DEFAULT_KEYS), path), None
         if "preset" in raw:  # like a rule's preset: the named spec, the explicit keys on top
             fields, errors = _preset(raw["preset"], join(path, "preset"))
             problems += errors
@@ -192,11 +193,8 @@ class QuantConfig:
 
     default: QuantSpec = option(
         kind=Kind(
-            _DEFAULT_EXPECTED,
-            type_name="mapping",
-            custom=_default_spec,
-            children=dict.fromkeys(("preset", *SPEC_KEYS)),
-        ),  # fmt: skip
+            _DEFAULT_EXPECTED, type_name="mapping", custom=_default_spec, children=_DEFAULT_KEYS
+        ),
         factory=QuantSpec,
         doc="the spec of every module no rule overrides: QuantSpec keys, a preset name, or "
         "preset: NAME with keys on top",
@@ -299,14 +297,7 @@ class QuantConfig:
         Raises:
             ConfigError: one line per problem: source, key path, bad value, what is allowed.
         """
-        return _quant(d, f"{source}: quant")
-
-
-def _quant(raw: Any, path: str) -> QuantConfig:
-    values, problems = check_mapping(QuantConfig, raw, path)
-    if problems:
-        raise ConfigError(problems)
-    return QuantConfig(**values)
+        return from_mapping(cls, d, f"{source}: quant")
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -315,7 +306,7 @@ def _quant(raw: Any, path: str) -> QuantConfig:
 def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
     """The QuantConfig of a whole file's mapping (model/quant/train, or a bare quant section)."""
     if _BARE_QUANT_KEYS & set(raw) and not set(raw) & set(TOP_LEVEL_KEYS):
-        return _quant(raw, f"{source}: ")
+        return from_mapping(QuantConfig, raw, f"{source}: ")
     # a quant key at the top level next to model:/train: is a quant: key mis-indented
     problems = [
         f"{source}: {k}: a quant key at the top level; indent it under quant:"
@@ -325,7 +316,7 @@ def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
     others = {k: v for k, v in raw.items() if k not in QuantConfig.KEYS}
     problems += unknown_keys(others, TOP_LEVEL_KEYS, f"{source}: ")
     try:
-        config = _quant(raw.get("quant"), f"{source}: quant")
+        config = from_mapping(QuantConfig, raw.get("quant"), f"{source}: quant")
     except ConfigError as exc:
         problems += exc.details
     if "quant" not in raw:

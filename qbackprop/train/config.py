@@ -35,7 +35,8 @@ SCHEDULES = ("cosine", "step", "onecycle", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
-_SCHEDULE_EXPECTED = "null, a probability in [0, 1], or {start: P, end: P}"
+_SCHEDULE = "null, a probability in [0, 1], or {start: P, end: P}"
+_ENDS = dict.fromkeys(("start", "end"))  # keys under mix_prob_schedule, for overrides
 _PROBABILITY = number(0.0, 1.0, expected="a probability in [0, 1]")
 
 
@@ -66,7 +67,7 @@ def _schedule(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]
     if is_number(raw):
         raw = {"start": raw, "end": raw}
     if not isinstance(raw, Mapping):
-        return raw, [Problem(path, raw, _SCHEDULE_EXPECTED)]
+        return raw, [Problem(path, raw, _SCHEDULE)]
     values, problems = check_mapping(MixProbSchedule, raw, path)
     return (MixProbSchedule(**values) if not problems else raw), problems
 
@@ -124,12 +125,7 @@ class TrainSpec:
     workers: int = option(0, integer(0), "DataLoader worker processes")
     mix_prob_schedule: MixProbSchedule | None = option(
         None,
-        Kind(
-            _SCHEDULE_EXPECTED,
-            type_name="mapping",
-            custom=_schedule,
-            children=dict.fromkeys(("start", "end")),
-        ),  # fmt: skip
+        Kind(_SCHEDULE, type_name="mapping", custom=_schedule, children=_ENDS),
         "null keeps quant.default.mix_prob; a number or {start, end} sets it per epoch "
         "(linear); needs quant.default.mix_bits",
     )
@@ -270,7 +266,8 @@ def run_config_from_dict(
     Args:
         raw: the file's top-level mapping.
         source: its path, named in every error line.
-        overrides: ``KEY=VALUE`` strings such as ``train.epochs=3``; see :func:`apply_overrides`.
+        overrides: ``KEY=VALUE`` strings such as ``train.epochs=3``; see
+            :func:`qbackprop.schema.apply_overrides`.
 
     Raises:
         ConfigError: every problem of every section at once.
@@ -315,18 +312,3 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
         ConfigError: naming the file and key of every problem.
     """
     return run_config_from_dict(load_yaml_file(path), source=str(path), overrides=overrides)
-
-
-def apply_overrides(
-    raw: Mapping[str, Any], overrides: Sequence[str], *, source: str = "<dict>"
-) -> dict[str, Any]:
-    """A copy of ``raw`` with each dotted ``KEY=VALUE`` set; VALUE is parsed as YAML (see
-    :func:`qbackprop.schema.apply_overrides`).
-
-    Raises:
-        ConfigError: every malformed override or unknown key at once.
-    """
-    out, problems = schema.apply_overrides(raw, overrides, SECTIONS, source)
-    if problems:
-        raise ConfigError(problems)
-    return out
