@@ -114,6 +114,9 @@ def test_readme_layout_names_real_files():
     assert len(paths) > 20, f"README's Layout section names too few files: {paths}"
     missing = [p for p in paths if not (ROOT / p).is_file()]
     assert not missing, f"README's Layout names files that do not exist: {missing}"
+    tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "qbackprop").rglob("*.py")}
+    left_out = sorted(tree - set(paths) - {p for p in tree if p.endswith("/__init__.py")})
+    assert not left_out, f"README's Layout leaves out: {left_out}"
 
 
 def test_the_checker_reports_broken_links(tmp_path):
