@@ -229,14 +229,8 @@ class QuantConfig:
         version = values["schema_version"]
         if "schema_version" in failed or version <= SCHEMA_VERSION:
             return []
-        return [
-            Problem(
-                join(path, "schema_version"),
-                sep="=",
-                message=f"{version!r} is newer than "
-                f"this qbackprop reads (up to {SCHEMA_VERSION}); upgrade qbackprop",
-            )
-        ]
+        text = f"={version!r} is newer than this qbackprop reads (up to {SCHEMA_VERSION})"
+        return [Problem(join(path, "schema_version"), message=text + "; upgrade qbackprop")]
 
     def spec_for(self, name: str, family: str) -> QuantSpec | None:
         """The spec for module ``name`` of ``family``; None when a rule disables it.

@@ -42,9 +42,9 @@ class Problem:
         value: what was given (NOTHING for a problem about the key itself).
         expected: what is allowed instead.
         hint: e.g. ``did you mean "bits"?``.
-        message: said instead of "is not allowed; expected ..." (unknown key, disagreement).
+        message: a sentence written right after the path, instead of "=VALUE is not allowed;
+            expected ...": ``": unknown key"``, ``" is set but mix_prob is not"``.
         note: appended in parentheses, e.g. which override set the value.
-        sep: between path and message (" " for "quant.default.mix_bits is set but ...").
     """
 
     path: str
@@ -53,11 +53,10 @@ class Problem:
     hint: str = ""
     message: str = ""
     note: str = ""
-    sep: str = ": "
 
     def __str__(self) -> str:
         if self.message or self.value is NOTHING:
-            text = f"{self.path}{self.sep}{self.message}"
+            text = f"{self.path}{self.message}"
         else:
             text = f"{self.path}={self.value!r} is not allowed; expected {self.expected}"
         text += f"; {self.hint}" if self.hint else ""
@@ -83,7 +82,7 @@ def unknown_keys(raw: Mapping, allowed: Sequence[str], path: str) -> list[Proble
     return [
         Problem(
             join(path, k),
-            message="unknown key",
+            message=": unknown key",
             hint=suggest(k, allowed) or f"allowed: {', '.join(allowed)}",
         )
         for k in raw
@@ -269,7 +268,7 @@ def check_values(
     for f in options(cls):
         if f.name not in raw and f.default is REQUIRED and f.default_factory is REQUIRED:
             problems.append(
-                Problem(path, message=f'missing required key "{f.name}" ({f.metadata["doc"]})')
+                Problem(path, message=f': missing required key "{f.name}" ({f.metadata["doc"]})')
             )
             failed.add(f.name)
             continue

@@ -118,16 +118,14 @@ class QuantSpec:
             return [
                 Problem(
                     join(path, "mix_bits"),
-                    sep=" ",
-                    message="is set but mix_prob is not; give mix_prob in [0, 1]",
+                    message=" is set but mix_prob is not; give mix_prob in [0, 1]",
                 )
             ]
         if prob is not None and bits is None and "mix_prob" not in failed:
             return [
                 Problem(
                     join(path, "mix_prob"),
-                    sep=" ",
-                    message="is set but mix_bits is not; give mix_bits too",
+                    message=" is set but mix_bits is not; give mix_bits too",
                 )
             ]
         return []

@@ -215,26 +215,20 @@ class RunConfig:
 def _resolve_model(model: ModelSpec, given: Mapping, train: TrainSpec, src: str) -> tuple:
     """``(model, train, classes_from_data, problems)`` with sizes and classes made to agree."""
     problems: list[Problem] = []
-    size, where = model.input_size, f"{src}: model.input_size"
+    size, classes = list(model.input_size), model.num_classes
 
-    def disagree(text: str) -> None:
-        problems.append(Problem(where, message=f"{list(size)!r}: {text}", sep="="))
+    def say(key: str, text: str) -> None:
+        problems.append(Problem(f"{src}: model.{key}", message=text))
 
     if size[0] != 3:
-        disagree("datasets give 3 channels")
+        say("input_size", f"={size!r}: datasets give 3 channels")
     if train.image_size is None and "input_size" in given:
         if size[1] != size[2]:
-            disagree("images are square; H == W")
+            say("input_size", f"={size!r}: images are square; H == W")
         train = dataclasses.replace(train, image_size=size[1])
     side = train.data_spec().resolved_image_size
-    if "input_size" in given and tuple(size[1:]) != (side, side):
-        problems.append(
-            Problem(
-                where,
-                sep="=",
-                message=f"{list(size)!r} disagrees with train.image_size={side}; set one of them",
-            )
-        )
+    if "input_size" in given and size[1:] != [side, side]:
+        say("input_size", f"={size!r} disagrees with train.image_size={side}; set one of them")
     train = dataclasses.replace(train, image_size=side)
     model = dataclasses.replace(model, input_size=(3, side, side))
     native = train.data_spec().num_classes  # None: Tiny ImageNet / imagefolder, read from disk
@@ -242,19 +236,11 @@ def _resolve_model(model: ModelSpec, given: Mapping, train: TrainSpec, src: str)
         if native is not None:
             model = dataclasses.replace(model, num_classes=native)
         return model, train, native is None, problems
-    where, classes = f"{src}: model.num_classes", model.num_classes
     if train.dataset in ("digits", "cifar10", "cifar100") and classes != native:
-        problems.append(
-            Problem(
-                where,
-                sep="=",
-                message=f"{classes!r} but {train.dataset} has "
-                f"{native} classes; remove model.num_classes or set it to "
-                f"{native}",
-            )
-        )
+        say("num_classes", f"={classes!r} but {train.dataset} has {native} classes; remove "
+            f"model.num_classes or set it to {native}")  # fmt: skip
     elif train.dataset == "synthetic" and classes < 2:
-        problems.append(Problem(where, sep="=", message=f"{classes!r}: synthetic needs >= 2"))
+        say("num_classes", f"={classes!r}: synthetic needs >= 2")
     return model, train, False, problems
 
 
@@ -288,14 +274,8 @@ def run_config_from_dict(
         )
         problems += errors
         if train.mix_prob_schedule is not None and sections["quant"].default.mix_bits is None:
-            problems.append(
-                Problem(
-                    f"{source}: train.mix_prob_schedule",
-                    sep=" ",
-                    message="is set but "
-                    "quant.default.mix_bits is not; give quant.default.mix_bits (e.g. 4)",
-                )
-            )
+            text = " is set but quant.default.mix_bits is not; give quant.default.mix_bits (e.g. 4)"
+            problems.append(Problem(f"{source}: train.mix_prob_schedule", message=text))
     if problems:
         raise ConfigError(schema.mark_overridden(problems, overrides))
     return RunConfig(model, sections["quant"], train, source, from_data)
