@@ -20,6 +20,7 @@ from .schema import (
     from_mapping,
     integer,
     join,
+    keys,
     names,
     option,
     suggest,
@@ -181,16 +182,7 @@ class QuantConfig:
         ConfigError: listing every problem, e.g. a rule override the default makes invalid.
     """
 
-    KEYS = (
-        "schema_version",
-        "default",
-        "layers",
-        "fallback",
-        "allow_unmatched",
-        "fallback_min_numel",
-        "share",
-    )
-
+    schema_version: int = option(SCHEMA_VERSION, integer(1), "the config format version")
     default: QuantSpec = option(
         kind=Kind(
             _DEFAULT_EXPECTED, type_name="mapping", custom=_default_spec, children=_DEFAULT_KEYS
@@ -217,7 +209,6 @@ class QuantConfig:
         "store a BatchNorm/LayerNorm output once, as x̂ at twice the bits, for "
         "norm and consumer (same bytes, far less gradient error)",
     )
-    schema_version: int = option(SCHEMA_VERSION, integer(1), "the config format version")
     # name, family -> spec; filled by spec_for, which runs once per module during conversion
     _spec_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -273,12 +264,9 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML form of the ``quant:`` section; ``from_dict`` reads it back equal."""
-        out = {k: getattr(self, k) for k in self.KEYS}
-        return {
-            **out,
-            "default": self.default.to_dict(),
-            "layers": [r.to_dict() for r in self.layers],
-        }
+        out = {k: getattr(self, k) for k in QUANT_KEYS}
+        layers = [r.to_dict() for r in self.layers]
+        return {**out, "default": self.default.to_dict(), "layers": layers}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, *, source: str = "<dict>") -> QuantConfig:
@@ -294,6 +282,9 @@ class QuantConfig:
         return from_mapping(cls, d, f"{source}: quant")
 
 
+QUANT_KEYS = keys(QuantConfig)
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
@@ -305,9 +296,9 @@ def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
     problems = [
         f"{source}: {k}: a quant key at the top level; indent it under quant:"
         for k in raw
-        if k in QuantConfig.KEYS
+        if k in QUANT_KEYS
     ]
-    others = {k: v for k, v in raw.items() if k not in QuantConfig.KEYS}
+    others = {k: v for k, v in raw.items() if k not in QUANT_KEYS}
     problems += unknown_keys(others, TOP_LEVEL_KEYS, f"{source}: ")
     try:
         config = from_mapping(QuantConfig, raw.get("quant"), f"{source}: quant")

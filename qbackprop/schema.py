@@ -249,8 +249,8 @@ def options(cls: type) -> list[dataclasses.Field]:
 
 
 def keys(cls: type) -> tuple[str, ...]:
-    """The keys a section accepts, in the order messages list them."""
-    return getattr(cls, "KEYS", None) or tuple(f.name for f in options(cls))
+    """The keys a section accepts, in the order they are declared (and messages list them)."""
+    return tuple(f.name for f in options(cls))
 
 
 def check_values(
