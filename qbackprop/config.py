@@ -53,6 +53,15 @@ def _preset(value: Any, path: str) -> tuple[dict | None, list[Problem]]:
     return None, [Problem(path, value, _PRESET, suggest(value, tuple(PRESETS)))]
 
 
+def _on_preset(raw: Mapping, base: dict, path: str) -> tuple[dict, dict, list[Problem]]:
+    """``(base, explicit QuantSpec keys, problems)``: a valid ``preset:`` replaces ``base``."""
+    explicit = {k: raw[k] for k in SPEC_KEYS if k in raw}
+    if "preset" not in raw:
+        return base, explicit, []
+    preset, problems = _preset(raw["preset"], join(path, "preset"))
+    return preset or base, explicit, problems
+
+
 def _spec_problems(fields: dict, path: str, only: Iterable[str] | None = None) -> list[Problem]:
     """QuantSpec's checks on ``fields``; with ``only``, just the problems of those keys."""
     _, problems = check_values(QuantSpec, fields, path)
@@ -79,11 +88,9 @@ def _default_spec(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Prob
     if isinstance(raw, str):
         fields, problems = _preset(raw, path)
     elif isinstance(raw, Mapping):
-        problems, fields = unknown_keys(raw, tuple(_DEFAULT_KEYS), path), None
-        if "preset" in raw:  # like a rule's preset: the named spec, the explicit keys on top
-            fields, errors = _preset(raw["preset"], join(path, "preset"))
-            problems += errors
-        fields = {**(fields or _plain(QuantSpec())), **{k: raw[k] for k in SPEC_KEYS if k in raw}}
+        base, explicit, problems = _on_preset(raw, _plain(QuantSpec()), path)
+        fields = {**base, **explicit}
+        problems = unknown_keys(raw, tuple(_DEFAULT_KEYS), path) + problems
         problems += _spec_problems(fields, path)
     else:
         fields, problems = None, [Problem(path, raw, _DEFAULT_EXPECTED)]
@@ -108,15 +115,12 @@ def _rule(raw: Any, base: dict, base_ok: bool, path: str) -> tuple[Any, list[Pro
         raw = raw.to_dict()
     if not isinstance(raw, Mapping):
         return None, [Problem(path, raw, 'a mapping with a "match" key')]
-    overrides = {k: raw[k] for k in SPEC_KEYS if k in raw}
     given = {k: raw[k] for k in ("match", "type", "enabled") if k in raw}
+    rule_base, overrides, errors = _on_preset(raw, base, path)
     values, problems = check_values(LayerRule, {**given, "overrides": overrides}, path)
-    problems = unknown_keys(raw, RULE_KEYS, path) + problems
-    if "preset" in raw:  # the preset replaces the default for this rule; explicit keys win
-        preset, errors = _preset(raw["preset"], join(path, "preset"))
-        problems += errors
-        if preset is not None:
-            base, base_ok, overrides = preset, True, {**preset, **overrides}
+    problems = unknown_keys(raw, RULE_KEYS, path) + problems + errors
+    if rule_base is not base:  # the preset replaces the default for this rule
+        base, base_ok, overrides = rule_base, True, {**rule_base, **overrides}
     problems += _spec_problems({**base, **overrides}, path, None if base_ok else overrides)
     if problems:
         return None, problems
