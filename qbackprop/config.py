@@ -292,10 +292,8 @@ QUANT_KEYS = keys(QuantConfig)
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
-    """The QuantConfig of a whole file's mapping (model/quant/train, or a bare quant section)."""
-    if _BARE_QUANT_KEYS & set(raw) and not set(raw) & set(TOP_LEVEL_KEYS):
-        return from_mapping(QuantConfig, raw, f"{source}: ")
+def top_level_problems(raw: Mapping[str, Any], source: str) -> list:
+    """Keys of a file's top level other than model, quant and train."""
     # a quant key at the top level next to model:/train: is a quant: key mis-indented
     problems = [
         f"{source}: {k}: a quant key at the top level; indent it under quant:"
@@ -303,7 +301,14 @@ def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
         if k in QUANT_KEYS
     ]
     others = {k: v for k, v in raw.items() if k not in QUANT_KEYS}
-    problems += unknown_keys(others, TOP_LEVEL_KEYS, f"{source}: ")
+    return problems + unknown_keys(others, TOP_LEVEL_KEYS, f"{source}: ")
+
+
+def _config_from_file_dict(raw: Mapping[str, Any], source: str) -> QuantConfig:
+    """The QuantConfig of a whole file's mapping (model/quant/train, or a bare quant section)."""
+    if _BARE_QUANT_KEYS & set(raw) and not set(raw) & set(TOP_LEVEL_KEYS):
+        return from_mapping(QuantConfig, raw, f"{source}: ")
+    problems = top_level_problems(raw, source)
     try:
         config = from_mapping(QuantConfig, raw.get("quant"), f"{source}: quant")
     except ConfigError as exc:

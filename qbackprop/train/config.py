@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qbackprop import schema
-from qbackprop.config import QuantConfig, load_yaml_file
+from qbackprop.config import QuantConfig, load_yaml_file, top_level_problems
 from qbackprop.errors import ConfigError
 from qbackprop.models import ModelSpec
 from qbackprop.schema import (
@@ -24,7 +24,6 @@ from qbackprop.schema import (
     number,
     option,
     options,
-    unknown_keys,
     validate,
 )
 
@@ -260,7 +259,7 @@ def run_config_from_dict(
     """
     # a bad override is skipped, not fatal: the file's own problems are reported with it
     raw, problems = schema.apply_overrides(raw, overrides, SECTIONS, source)
-    problems += unknown_keys(raw, tuple(SECTIONS), f"{source}: ")
+    problems += top_level_problems(raw, source)
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         try:
