@@ -311,6 +311,22 @@ def validate(obj: Any, path: str) -> None:
         object.__setattr__(obj, name, value)
 
 
+def section(cls: type, expected: str, shorthand: Callable[[Any], Any] = lambda v: v) -> Kind:
+    """A nested section ``cls`` (null, an instance, or its mapping); ``shorthand`` turns another
+    form into the mapping first (``0.3`` into ``{start: 0.3, end: 0.3}``)."""
+
+    def check(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
+        raw = shorthand(raw)
+        if raw is None or isinstance(raw, cls):
+            return raw, []
+        if not isinstance(raw, Mapping):
+            return raw, [Problem(path, raw, expected)]
+        values, problems = check_mapping(cls, raw, path)
+        return (raw, problems) if problems else (cls(**values), [])
+
+    return Kind(expected, type_name="mapping", children=_children(cls), custom=check)
+
+
 def check_key(cls: type, name: str, value: Any, path: str) -> list[Problem]:
     """The problems of ``value`` given for key ``name`` of section ``cls`` (e.g. a CLI flag)."""
     (f,) = [f for f in options(cls) if f.name == name]

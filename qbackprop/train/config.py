@@ -13,9 +13,7 @@ from qbackprop.config import QuantConfig, load_yaml_file, top_level_problems
 from qbackprop.errors import ConfigError
 from qbackprop.models import ModelSpec
 from qbackprop.schema import (
-    Kind,
     Problem,
-    check_mapping,
     choice,
     from_mapping,
     integer,
@@ -24,18 +22,12 @@ from qbackprop.schema import (
     number,
     option,
     options,
+    section,
     validate,
 )
 
 from .data import DataSpec, download_problems
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step", "onecycle", "constant")
-AMP_MODES = ("off", "bf16", "fp16")
-DISTRIBUTED = ("ddp", "fsdp")
-DEVICES = ("auto", "cpu", "cuda")
-_SCHEDULE = "null, a probability in [0, 1], or {start: P, end: P}"
-_ENDS = dict.fromkeys(("start", "end"))  # keys under mix_prob_schedule, for overrides
 _PROBABILITY = number(0.0, 1.0, expected="a probability in [0, 1]")
 
 
@@ -59,18 +51,6 @@ class MixProbSchedule:
         return self.start if self.start == self.end else {"start": self.start, "end": self.end}
 
 
-def _schedule(raw: Any, path: str, context: Mapping) -> tuple[Any, list[Problem]]:
-    """null, one probability (constant), or ``{start, end}``."""
-    if raw is None or isinstance(raw, MixProbSchedule):
-        return raw, []
-    if is_number(raw):
-        raw = {"start": raw, "end": raw}
-    if not isinstance(raw, Mapping):
-        return raw, [Problem(path, raw, _SCHEDULE)]
-    values, problems = check_mapping(MixProbSchedule, raw, path)
-    return (MixProbSchedule(**values) if not problems else raw), problems
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """How to train: data, optimizer, schedule, precision, seed (defaults: the thesis recipe).
@@ -90,15 +70,13 @@ class TrainSpec:
     num_samples: int = like(DataSpec, "num_samples")
     batch_size: int = option(128, integer(1), "images per step (per process under DDP/FSDP)")
     epochs: int = option(50, integer(1), "epochs to train (--resume continues up to this)")
-    optimizer: str = option(
-        "adamw", choice(OPTIMIZERS), "adamw (decoupled weight decay) or sgd (Nesterov momentum)"
-    )
+    optimizer: str = option("adamw", choice(("adamw", "sgd")), "sgd: with Nesterov momentum")
     lr: float = option(1e-3, number(0.0), "peak learning rate")
     weight_decay: float = option(0.05, number(0.0), "on weights only, not biases or norms")
     momentum: float = option(0.9, number(0.0, 1.0), "SGD momentum")
     schedule: str = option(
         "cosine",
-        choice(SCHEDULES),
+        choice(("cosine", "step", "onecycle", "constant")),
         "cosine (to min_lr), step (x step_gamma every step_epochs), onecycle (up over 30% of "
         "steps from lr/25, then down) or constant",
     )
@@ -116,15 +94,19 @@ class TrainSpec:
     )
     amp: str = option(
         "off",
-        choice(AMP_MODES, aliases={False: "off"}),  # YAML 1.1 reads a bare `off` as false
-        "off, bf16 (CPU and CUDA) or fp16 (CUDA, with a GradScaler)",
+        choice(("off", "bf16", "fp16"), aliases={False: "off"}),  # YAML 1.1: `off` is false
+        "bf16 (CPU and CUDA) or fp16 (CUDA, with a GradScaler)",
     )
-    device: str = option("auto", choice(DEVICES), "auto (CUDA when available), cpu or cuda")
+    device: str = option("auto", choice(("auto", "cpu", "cuda")), "auto: CUDA when available")
     seed: int = option(0, integer(0), "seeds weights, data order, augmentation and rounding")
     workers: int = option(0, integer(0), "DataLoader worker processes")
     mix_prob_schedule: MixProbSchedule | None = option(
         None,
-        Kind(_SCHEDULE, type_name="mapping", custom=_schedule, children=_ENDS),
+        section(
+            MixProbSchedule,
+            "null, a probability in [0, 1], or {start: P, end: P}",
+            lambda v: {"start": v, "end": v} if is_number(v) else v,
+        ),
         "null keeps quant.default.mix_prob; a number or {start, end} sets it per epoch "
         "(linear); needs quant.default.mix_bits",
     )
@@ -138,7 +120,7 @@ class TrainSpec:
     )
     distributed: str = option(
         "ddp",
-        choice(DISTRIBUTED),
+        choice(("ddp", "fsdp")),
         "under torchrun: ddp, or fsdp (FSDP2 fully_shard per block, then the whole model)",
     )
 
