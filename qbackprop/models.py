@@ -14,7 +14,9 @@ from .schema import Kind, from_mapping, int_list, integer, mapping, option, vali
 TORCHVISION_PREFIX = "tv:"
 
 
-def _known_models(name: str) -> list[str]:
+def _known_models(name: Any) -> list[str]:
+    if not isinstance(name, str):
+        return []
     if name.startswith(TORCHVISION_PREFIX):
         import torchvision
 
@@ -22,14 +24,6 @@ def _known_models(name: str) -> list[str]:
     import timm
 
     return timm.list_models()
-
-
-def _is_model(name: Any) -> bool:
-    if not isinstance(name, str) or name.startswith(TORCHVISION_PREFIX):
-        return isinstance(name, str) and name in _known_models(name)
-    import timm
-
-    return timm.is_model(name)
 
 
 def _close_models(name: Any) -> str:
@@ -48,7 +42,12 @@ class ModelSpec:
 
     name: str = option(
         "efficientnetv2_rw_t",
-        Kind("a timm model name or tv:NAME", _is_model, hint=_close_models, type_name="str"),
+        Kind(
+            "a timm model name or tv:NAME",
+            lambda v: v in _known_models(v),
+            hint=_close_models,
+            type_name="str",
+        ),
         "a timm model name, or tv:NAME for torchvision (e.g. tv:resnet18)",
     )
     num_classes: int = option(10, integer(1), "classifier outputs; absent: the dataset's")
