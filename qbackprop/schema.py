@@ -400,9 +400,9 @@ def apply_overrides(
 
 def mark_overridden(problems: list, overrides: Sequence[str]) -> list:
     """Say which problems an override (rather than the file) set the value of."""
-    keys = [o.partition("=")[0].strip() for o in overrides]
+    given = [o.partition("=")[0].strip() for o in overrides]
     marked = []
     for p in problems:
-        hits = [k for k in keys if isinstance(p, Problem) and f"{p.key}.".startswith(f"{k}.")]
+        hits = [k for k in given if isinstance(p, Problem) and f"{p.key}.".startswith(f"{k}.")]
         marked.append(dataclasses.replace(p, note=f"set by override {hits[-1]}") if hits else p)
     return marked
