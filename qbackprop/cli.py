@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "validate",
         help="check a config and its model",
-        description="Check CONFIG (every problem at once) and that its rules match the model.",
+        description="Check CONFIG (every problem at once; with a train: section, that too and "
+        "that model and data agree) and that its rules match the model.",
         epilog="example:\n  qbackprop validate configs/per_layer_example.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -286,8 +287,12 @@ def cmd_memory(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .config import load_yaml_file
     from .surgery import conversion_report, convert_model
+    from .train.config import load_run_config
 
+    if "train" in load_yaml_file(args.config):  # a training config: every section, and agreement
+        load_run_config(args.config)
     model_spec, quant = load_model_and_quant(args.config)
     model = model_spec.build()
     try:

@@ -84,6 +84,15 @@ def test_validate_ok(tmp_path, capsys):
     assert code == 0 and "OK" in out
 
 
+def test_validate_checks_the_train_section_when_there_is_one(tmp_path, capsys):
+    code, _, err = _run(["validate", _write(tmp_path, TINY + "train:\n  epocs: 3\n")], capsys)
+    _assert_user_error(code, err, "train.epocs", 'did you mean "epochs"')
+    code, out, _ = _run(
+        ["validate", _write(tmp_path, TINY + "train:\n  dataset: synthetic\n")], capsys
+    )
+    assert code == 0 and "OK" in out
+
+
 BAD_QUANT = [
     ("bits: 0", "quant.default.bits"),
     ("bits: 33", "quant.default.bits"),
