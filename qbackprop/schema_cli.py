@@ -110,8 +110,8 @@ def render_text(sections: list[str]) -> str:
 
 
 def render_markdown(sections: list[str]) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+    def cell(text: str) -> str:  # outside code spans Markdown reads <root> as an HTML tag
+        return text.replace("|", "\\|").replace("<", "&lt;")
 
     presets = "\n".join(f"- `{name}`: {PRESETS[name]().short()}" for name in PRESETS)
     out = [HEADER.format(presets=presets, families=", ".join(f"`{f}`" for f in FAMILIES))]
