@@ -167,7 +167,7 @@ def _build_converted(args):
     from .surgery import convert_model
 
     if args.batch_size < 1:
-        raise QbackpropUserError(str(Problem("--batch-size", args.batch_size, ">= 1")))
+        raise QbackpropUserError([Problem("--batch-size", args.batch_size, ">= 1")])
     model_spec, quant = load_model_and_quant(args.config, args.input_size)
     model = model_spec.build()
     try:
@@ -289,10 +289,11 @@ def cmd_memory(args) -> int:
 def cmd_validate(args) -> int:
     from .config import load_yaml_file
     from .surgery import conversion_report, convert_model
-    from .train.config import load_run_config
+    from .train.config import run_config_from_dict
 
-    if "train" in load_yaml_file(args.config):  # a training config: every section, and agreement
-        load_run_config(args.config)
+    raw = load_yaml_file(args.config)
+    if "train" in raw:  # a training config: every section, and that model and data agree
+        run_config_from_dict(raw, source=args.config)
     model_spec, quant = load_model_and_quant(args.config)
     model = model_spec.build()
     try:

@@ -124,7 +124,7 @@ def _with_seeds(
 
 def _check_seeds(seeds: int) -> None:
     if not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(str(Problem("--seeds", seeds, "an int >= 1")))
+        raise ConfigError([Problem("--seeds", seeds, "an int >= 1")])
 
 
 def plan_bit_sweep(
