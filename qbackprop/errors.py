@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class QbackpropUserError(Exception):
     """A mistake in what the user gave (config, path, name), not a bug.
@@ -27,3 +31,22 @@ class ConfigError(QbackpropUserError, ValueError):
 
 class DatasetNotFoundError(QbackpropUserError, FileNotFoundError):
     """A dataset directory or file is missing; the message says how to obtain it."""
+
+
+@contextmanager
+def config_errors(source: str | os.PathLike) -> Iterator[None]:
+    """Name the config file in each problem of a ``ConfigError`` raised inside the block.
+
+    A check of a config against a model (``convert_model``: a rule that matches no module)
+    knows the rule, not the file it came from.
+
+    Args:
+        source: the config file, written in front of each problem.
+
+    Raises:
+        ConfigError: the same problems, each as ``"<source>: <problem>"``.
+    """
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError([f"{source}: {p}" for p in exc.problems]) from None

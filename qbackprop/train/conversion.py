@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qbackprop.config import QuantConfig
-from qbackprop.errors import ConfigError
+from qbackprop.errors import config_errors
 from qbackprop.memory import MemoryReport, measure_saved_activations
 from qbackprop.surgery import conversion_report, convert_model, revert_model
 
@@ -63,10 +63,8 @@ def apply_quant(model: nn.Module, quant: QuantConfig, source: str = "<config>") 
         return False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nothing to convert.*")
-        try:
+        with config_errors(source):
             convert_model(model, quant)
-        except ConfigError as exc:
-            raise ConfigError([f"{source}: {p}" for p in exc.problems]) from None
     return any(r.converted for r in conversion_report(model))
 
 
