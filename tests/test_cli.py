@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -91,6 +92,15 @@ def test_validate_checks_the_train_section_when_there_is_one(tmp_path, capsys):
         ["validate", _write(tmp_path, TINY + "train:\n  dataset: synthetic\n")], capsys
     )
     assert code == 0 and "OK" in out
+
+
+def test_cli_leaves_the_process_warnings_filters_alone(tmp_path, capsys):
+    nothing = TINY + '  layers:\n    - match: "*"\n      enabled: false\n'
+    for text in (TINY, nothing):  # the second converts nothing: its warning is silenced, scoped
+        before = list(warnings.filters)
+        code, _, err = _run(["convert", _write(tmp_path, text), "--batch-size", "2"], capsys)
+        assert code == 0, err
+        assert list(warnings.filters) == before
 
 
 BAD_QUANT = [

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from qbackprop.cli import main
+from qbackprop.cli.schema import SECTIONS, render_markdown, rows
 from qbackprop.errors import ConfigError
 from qbackprop.schema import Problem, check_mapping, options
-from qbackprop.schema_cli import SECTIONS, render_markdown, rows
 from qbackprop.train.config import run_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from qbackprop import cli
+from qbackprop.cli import app as cli
+from qbackprop.cli.train import add_train_parsers
 from qbackprop.errors import ConfigError, QbackpropUserError
 from qbackprop.surgery import conversion_report, convert_model
 from qbackprop.train import engine
 from qbackprop.train.checkpoint import load_checkpoint, save_checkpoint
-from qbackprop.train.cli_commands import add_train_parsers
 from qbackprop.train.config import (
     MixProbSchedule,
     TrainSpec,

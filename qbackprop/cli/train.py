@@ -182,8 +182,8 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_run_config
-    from .engine import train
+    from ..train.config import load_run_config
+    from ..train.engine import train
 
     config = load_run_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
@@ -207,8 +207,8 @@ def _is_main() -> bool:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .config import load_run_config
-    from .sweep import plan_bit_sweep, plan_layer_sweep, run_sweep
+    from ..train.config import load_run_config
+    from ..train.sweep import plan_bit_sweep, plan_layer_sweep, run_sweep
 
     config = load_run_config(args.config, args.overrides)
     if args.layers:
@@ -241,7 +241,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot
+    from ..train.plots import plot
 
     for path in plot(args.rundir, args.out):
         print(path)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError, QbackpropUserError
-from .fidelity_cli import add_warmed_model_args, warmed_model
-from .tune import MiB, TuneResult, parse_budget, tune
+from ..errors import QbackpropUserError, config_errors
+from ..tune import MiB, TuneResult, parse_budget, tune
+from .table import format_table
+from .warmup_args import add_warmed_model_args, warmed_model_from_args
 
 TUNE_EPILOG = """The budget: average bits per saved element (2.1), a ratio to fp32 (15x) or MiB of
 saved activations at --batch-size (24MiB). Each layer's gradient noise is measured alone at
@@ -49,8 +50,6 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print(result: TuneResult, header: str) -> None:
-    from .cli import format_table
-
     print(header)
     if result.note:
         print(result.note)
@@ -73,7 +72,7 @@ def _print(result: TuneResult, header: str) -> None:
 
 
 def _write(result: TuneResult, config_path: str, out: str) -> None:
-    from .config import load_yaml_file
+    from ..config import load_yaml_file
 
     raw = load_yaml_file(config_path)
     raw["quant"] = result.to_yaml_dict()
@@ -86,13 +85,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         budget = parse_budget(args.budget)
     except ValueError as exc:
         raise QbackpropUserError(str(exc)) from None
-    config, data, model, batches = warmed_model(args)
-    try:
+    config, data, model, batches = warmed_model_from_args(args)
+    with config_errors(args.config):
         result = tune(
             model, config.quant, batches, budget, draws=args.draws, progress=sys.stderr.isatty()
         )
-    except ConfigError as exc:
-        raise ConfigError([f"{args.config}: {p}" for p in exc.problems]) from None
     if args.out:
         _write(result, args.config, args.out)
     if args.json:
@@ -102,7 +99,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.out:
             print(f"tuned config written to {args.out}")
     if args.plot and result.layers:
-        from .plots import tune_bits_chart
+        from ..plots import tune_bits_chart
 
         path = tune_bits_chart(model, result, args.plot, title=f"{config.model.name}: {budget}")
         print(f"plot written to {path}", file=sys.stderr if args.json else sys.stdout)

@@ -8,13 +8,13 @@ import dataclasses
 from enum import Enum
 from typing import Any
 
-from .config import FAMILIES, LayerRule, QuantConfig
-from .errors import QbackpropUserError
-from .models import ModelSpec
-from .quant.spec import PRESETS, QuantSpec
-from .schema import REQUIRED, options, suggest
-from .train.config import MixProbSchedule, TrainSpec
-from .train.data import DataSpec
+from ..config import FAMILIES, LayerRule, QuantConfig
+from ..errors import QbackpropUserError
+from ..models import ModelSpec
+from ..quant.spec import PRESETS, QuantSpec
+from ..schema import REQUIRED, options, suggest
+from ..train.config import MixProbSchedule, TrainSpec
+from ..train.data import DataSpec
 
 # section -> (dataclass, what it is); the order of the docs
 SECTIONS: dict[str, tuple[type, str]] = {
