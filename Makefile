@@ -34,10 +34,11 @@ format: install
 docs: install
 	$(VENV)/bin/qbackprop schema --markdown > docs/config.md
 
+# compress / decompress of one fp32 tensor vs x.clone() at 2, 4 and 8 bits, on one thread; then one
+# training step, fp32 vs qbackprop vs checkpointing (time and memory); docs/benchmarks.md has figures
 bench: install
-	QBACKPROP_FUSED=1 $(PY) scripts/bench_compress.py --threads 1
-	QBACKPROP_FUSED=0 $(PY) scripts/bench_compress.py --threads 1
-	cd scripts && ../$(PY) bench_step.py
+	$(PY) scripts/bench_compress.py --threads 1 --bits 2 4 8
+	$(PY) scripts/bench_step.py --models efficientnetv2_rw_t,resnet18 --batch-size 64 --rounds 5
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
