@@ -11,10 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functions.fallback import add_observer, remove_observer
 from .layers.registry import QuantizedModule
 from .preserved import preserved_state
-from .quant import CompressedTensor
 from .surgery import temporarily_unconverted
 
 
@@ -108,12 +106,8 @@ class _Recorder:
         self.uncompressed_float = 0
         self.types: dict[str, str] = {}
 
-    def observe(self, obj: torch.Tensor | CompressedTensor) -> None:
+    def observe(self, obj: torch.Tensor) -> None:
         name = self.stack[-1] if self.stack else ""
-        if isinstance(obj, CompressedTensor):
-            self.bytes[name] += obj.nbytes
-            self.elements[name] += obj.numel()
-            return
         if isinstance(obj, nn.Parameter):
             return
         storage = obj.untyped_storage()
@@ -139,12 +133,12 @@ class _Recorder:
             self.types[name] = type(module).__name__
             handles.append(module.register_forward_pre_hook(self._push(name)))
             handles.append(module.register_forward_hook(self._pop, always_call=True))
-        add_observer(self.observe)
         try:
+            # The fallback's hooks save what they keep through the hooks outside theirs
+            # (functions/fallback.py), so these see every byte a converted model holds.
             with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
                 yield
         finally:
-            remove_observer(self.observe)
             for handle in handles:
                 handle.remove()
 

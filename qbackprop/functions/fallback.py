@@ -2,18 +2,27 @@
 
 Scoped to a converted model's forward (entered by a forward pre-hook, left by a forward hook
 that always runs). Parameters and buffers, non-float tensors, tensors our own Functions
-already handled and tensors under ``min_numel`` elements are kept as they are. A storage saved
-by several ops (e.g. one activation feeding two pools) is compressed once and shared.
+already handled and tensors under ``min_numel`` elements are kept as they are. A tensor saved
+by several ops (e.g. one activation feeding two pools) is compressed once and shared while it
+lives.
+
+Composing with a user's own hooks: ours are entered last, so they are innermost, and torch
+hands every saved tensor to the innermost hooks only. So that a user's ``save_on_cpu()`` or
+non-reentrant ``checkpoint()`` around a converted model still sees everything the model keeps,
+``pack`` does not hold tensors itself: it saves them (the compressed copy, or the tensor as it
+is) through ``_Hold``, a tiny autograd Function, with our hooks stepped out of the way, so the
+hooks outside ours pack them (offload them, or drop them for recomputation) as if no fallback
+were there. ``unpack`` reads them back through the same node.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .. import runtime
 from ..quant import CompressedTensor, QuantSpec, compress
 from .saved import is_handled
 
@@ -22,26 +31,33 @@ try:
 except ImportError:  # a torch built without distributed
     DTensor = None
 
-# Observers see what the innermost saved-tensor hook stores: an outer hook (e.g. a memory
-# measurement) is shadowed by ours while a converted forward runs, so we report to it.
-_OBSERVERS: list[Callable[[torch.Tensor | CompressedTensor], None]] = []
 
+class _Hold(torch.autograd.Function):
+    """Keeps ``tensors`` with ``ctx.save_for_backward``: the saved-tensor hooks in force (those
+    outside ours) pack them. Its output is a handle no loss ever reaches."""
 
-def add_observer(fn: Callable[[torch.Tensor | CompressedTensor], None]) -> None:
-    _OBSERVERS.append(fn)
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
+        return anchor.new_empty(0)
 
-
-def remove_observer(fn: Callable[[torch.Tensor | CompressedTensor], None]) -> None:
-    _OBSERVERS.remove(fn)
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # pragma: no cover  (no loss depends on a handle)
+        return (None,) * len(ctx.needs_input_grad)
 
 
 class _Packed:
-    """A compressed saved tensor; weak-referenceable so the dedup cache never keeps it alive."""
+    """What autograd keeps for one fallback tensor: the handle of its ``_Hold`` node and, for
+    a compressed copy, the shell that rebuilds it. Weak-referenceable for the dedup cache."""
 
-    __slots__ = ("ct", "__weakref__")
+    __slots__ = ("shell", "handle", "__weakref__")
 
-    def __init__(self, ct: CompressedTensor) -> None:
-        self.ct = ct
+    def __init__(self, shell: CompressedTensor | None, handle: torch.Tensor) -> None:
+        self.shell, self.handle = shell, handle
+
+    def unpack(self) -> torch.Tensor:
+        tensors = list(self.handle.grad_fn.saved_tensors)
+        return tensors[0] if self.shell is None else self.shell.decompress_from(tensors)
 
 
 FALLBACK_MIN_BITS = 8
@@ -61,7 +77,9 @@ def fallback_spec(spec: QuantSpec) -> QuantSpec:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
-    # The version counter makes an in-place update of the same storage a different entry.
+    # The version counter makes an in-place update of the same storage a different entry. The
+    # key alone is not enough: once ``t`` is freed, a new tensor may get the same address, so
+    # an entry is valid only while the tensor it was made from is alive (``FallbackCompressor``).
     return (
         t.untyped_storage().data_ptr(),
         t.storage_offset(),
@@ -84,7 +102,10 @@ class FallbackCompressor:
         self.spec = spec
         self.min_numel = min_numel
         self.keep: set[int] = set()
-        self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # storage key -> (weak ref to the tensor it was made from, weak ref to its copy)
+        self._shared: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
+        self._anchor = torch.empty(0, requires_grad=True)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def __getstate__(self) -> dict:
         # Per-forward state (the dedup cache of live tensors, parameter pointers) is not part
@@ -104,25 +125,47 @@ class FallbackCompressor:
             and t.untyped_storage().data_ptr() not in self.keep
         )
 
-    def pack(self, t: torch.Tensor):
+    def _cached(self, key: tuple) -> _Packed | None:
+        entry = self._shared.get(key)
+        if entry is None or entry[0]() is None:
+            return None  # never seen, or its tensor is gone (the address may be reused)
+        return entry[1]()
+
+    def _remember(self, key: tuple, t: torch.Tensor, packed: _Packed) -> None:
+        shared = self._shared
+
+        def forget(ref: weakref.ref) -> None:
+            if shared.get(key, (None,))[0] is ref:
+                del shared[key]
+
+        shared[key] = (weakref.ref(t, forget), weakref.ref(packed))
+
+    def _hold(self, shell: CompressedTensor | None, tensors: list[torch.Tensor]) -> _Packed:
+        # Our hooks step aside while _Hold saves, so the hooks outside ours see the tensors.
+        self.hooks.__exit__(None, None, None)
+        try:
+            with torch.enable_grad():
+                handle = _Hold.apply(self._anchor, *tensors)
+        finally:
+            self.hooks.__enter__()
+        return _Packed(shell, handle)
+
+    def pack(self, t: torch.Tensor) -> _Packed:
         if not self._eligible(t):
-            for observe in _OBSERVERS:
-                observe(t)
             # Detached (lossless: autograd restores the grad_fn on unpack): an output kept with
             # its grad_fn would form a cycle through C++ that leaks if backward never runs.
-            return t.detach()
+            return self._hold(None, [t.detach()])
         key = _storage_key(t)
-        packed = self._shared.get(key)
+        packed = self._cached(key)
         if packed is None:
-            packed = _Packed(compress(t.detach(), self.spec))
-            self._shared[key] = packed
-            for observe in _OBSERVERS:
-                observe(packed.ct)
+            ct = compress(t.detach(), self.spec)
+            packed = self._hold(ct, ct.take_tensors())
+            self._remember(key, t, packed)
         return packed
 
     @staticmethod
-    def unpack(obj):
-        return obj.ct.decompress() if isinstance(obj, _Packed) else obj
+    def unpack(packed: _Packed) -> torch.Tensor:
+        return packed.unpack()
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
@@ -154,17 +197,14 @@ class FallbackScope:
         return state
 
     def _enter(self, module, args) -> None:
-        # Under torch.compile the fallback is off: saved-tensor hooks cannot be traced, and
-        # AOTAutograd decides what the compiled graph saves (docs/design-notes.md).
-        if not self.enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Off in a traced graph (runtime.fallback_active): hooks cannot be traced there.
+        if not self.enabled or not torch.is_grad_enabled() or not runtime.fallback_active():
             self._stack.append(None)
             return
         # Read at every forward: `.to(device)` after conversion moves parameters and buffers.
         tensors = [*module.parameters(), *module.buffers()]
         self.compressor.keep = {_data_ptr(t) for t in tensors if not _is_sharded(t)}
-        hooks = torch.autograd.graph.saved_tensors_hooks(
-            self.compressor.pack, self.compressor.unpack
-        )
+        hooks = self.compressor.hooks
         hooks.__enter__()
         self._stack.append(hooks)
 
