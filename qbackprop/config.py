@@ -213,6 +213,12 @@ class QuantConfig:
         "store a BatchNorm/LayerNorm output once, as x̂ at twice the bits, for "
         "norm and consumer (same bytes, far less gradient error)",
     )
+    tune_allocator: bool = option(
+        True,
+        boolean(),
+        "fix glibc's mmap threshold at conversion (process-wide) so freed activations go back "
+        "to the OS and peak RSS follows the bytes held; false keeps glibc's defaults",
+    )
     # name, family -> spec; filled by spec_for, which runs once per module during conversion
     _spec_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -6,9 +6,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,47 +14,29 @@ from torch import nn
 from . import allocator, layers  # noqa: F401  (importing registers every drop-in layer)
 from .config import QuantConfig, as_quant_config
 from .errors import ConfigError
-from .functions import shared
 from .functions.fallback import FallbackScope, fallback_spec
-from .layers.registry import QuantizedModule, Swap, find_swap, quantized_class
-from .quant import QuantSpec
-from .sharing_plan import plan_sharing
+from .layers.plan import LayerPlan
+from .layers.registry import QuantizedModule, Swap, find_swap, original_class, quantized_class
+from .planner import ConversionRow, ModelPlan, plan_model, replan
 
-_ORIGINAL = "_qbackprop_original_class"
-_SCOPE = "_qbackprop_fallback"
-_REPORT = "_qbackprop_report"
-_CONFIG = "_qbackprop_config"
-_SHARING = "_qbackprop_sharing"
-
-
-@dataclass(frozen=True)
-class ConversionRow:
-    """One row of ``conversion_report``: what happened to one module."""
-
-    name: str
-    module_type: str
-    family: str
-    spec: QuantSpec | None
-    converted: bool
-    reason: str = ""
-    keeps: str = ""  # what the layer really keeps when it differs from spec (the plan)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.module_type,
-            "family": self.family,
-            "spec": self.spec.to_dict() if self.spec is not None else None,
-            "plan": self.spec.short() if self.converted and self.spec is not None else "",
-            "keeps": self.keeps,
-            "converted": self.converted,
-            "reason": self.reason,
-        }
+__all__ = [
+    "ConversionRow",
+    "ModelPlan",
+    "conversion_report",
+    "convert_model",
+    "converted_config",
+    "model_plan",
+    "original_type",
+    "replan",
+    "revert_model",
+    "sharing_summary",
+    "temporarily_unconverted",
+]
 
 
 def original_type(module: nn.Module) -> type[nn.Module]:
     """The module's type before conversion (its own type if it was never converted)."""
-    return getattr(module, _ORIGINAL, type(module))
+    return original_class(module)
 
 
 def _why_not(module: nn.Module, swap: Swap) -> str:
@@ -67,22 +47,14 @@ def _why_not(module: nn.Module, swap: Swap) -> str:
     return swap.check(module) or "" if swap.check else ""
 
 
-def _swap_in(module: nn.Module, swap: Swap, spec: QuantSpec, share: bool) -> None:
-    source = original_type(module)
-    module.__class__ = quantized_class(swap.mixin, source)
-    setattr(module, _ORIGINAL, source)
-    module.qspec = spec
-    module.qshare = share
-    shared.forget(module)  # a new config learns again which outputs feed converted layers
+def _swap_in(module: nn.Module, swap: Swap) -> None:
+    module.__class__ = quantized_class(swap.mixin, original_type(module))
 
 
 def _swap_out(module: nn.Module) -> None:
     if isinstance(module, QuantizedModule):
         module.__class__ = original_type(module)
-        module.__dict__.pop(_ORIGINAL, None)
-        module.__dict__.pop("qspec", None)
-        module.__dict__.pop("qshare", None)
-        shared.forget(module)
+        module.__dict__.pop("qplan", None)
 
 
 def _plan(
@@ -112,6 +84,7 @@ def convert_model(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     example_input: torch.Tensor | tuple | None = None,
+    tune_allocator: bool | None = None,
 ) -> nn.Module:
     """Swap supported layers for drop-ins that save compressed activations; returns the model.
 
@@ -125,9 +98,14 @@ def convert_model(
             such as ``"2bit-stochastic"``.
         filter_fn: optional ``(module, qualified_name) -> bool``; False leaves a module alone.
         example_input: a batch (or tuple of inputs) for the planning forward that decides
-            which BatchNorm outputs are shared with their consumers (``sharing_plan.py``);
+            which BatchNorm outputs are shared with their consumers (``planner.py``);
             by default a batch of 2 built from the model's first layer (32 px images, or the
             timm model's own input size if that fails).
+        tune_allocator: fix glibc's mmap threshold so that freed activations go back to the
+            OS at once and the process's resident memory follows the bytes really held
+            (``allocator.tune_host_allocator``: a process-wide setting, skipped off glibc and
+            when the user set glibc's own ``MALLOC_*`` variables). None takes the config's
+            ``tune_allocator`` (true by default); False leaves the allocator alone.
 
     Returns:
         The same model object, converted.
@@ -152,35 +130,37 @@ def convert_model(
         )
     for module, swap, row in plan:
         if row.converted:
-            _swap_in(module, swap, row.spec, cfg.share)
+            _swap_in(module, swap)
         else:
             _swap_out(module)
-    _set_fallback(model, cfg)
-    sharing = ""
-    if any(row.converted for _, _, row in plan):
-        # Also builds every table the layers use (derivative codes), so no step pays for it.
-        _, sharing = plan_sharing(model, example_input)
-    rows = [
-        dataclasses.replace(row, keeps=module.saves() if row.converted else "")
+    scope = _set_fallback(model, cfg)
+    specs = {row.name: row.spec for _, _, row in plan if row.converted}
+    # Also builds every table the layers use (derivative codes), so no step pays for it.
+    structure, how = plan_model(model, specs, cfg.share, example_input)
+    if not specs:
+        how = ""
+    rows = tuple(
+        dataclasses.replace(row, keeps=module.saves(), feeds=module.qplan.feeds)
+        if row.converted
+        else row
         for module, _, row in plan
-    ]
-    setattr(model, _REPORT, rows)
-    setattr(model, _CONFIG, cfg)
-    setattr(model, _SHARING, sharing)
-    # Large short-lived blocks go back to the OS at once, so the process's resident memory
-    # follows the live bytes (see allocator.py; QBACKPROP_TUNE_MALLOC=0 opts out).
-    allocator.tune_host_allocator()
+    )
+    model.qbackprop_plan = ModelPlan(cfg, rows, structure, how, scope)
+    tune = cfg.tune_allocator if tune_allocator is None else tune_allocator
+    if tune:
+        # Large short-lived blocks go back to the OS at once, so the process's resident
+        # memory follows the live bytes (allocator.py).
+        allocator.tune_host_allocator()
     return model
 
 
-def _set_fallback(model: nn.Module, cfg: QuantConfig | None) -> None:
-    scope = getattr(model, _SCOPE, None)
-    if scope is not None:
-        scope.remove()
-        delattr(model, _SCOPE)
+def _set_fallback(model: nn.Module, cfg: QuantConfig | None) -> FallbackScope | None:
+    old = model_plan(model)
+    if old is not None and old.fallback is not None:
+        old.fallback.remove()
     if cfg is not None and cfg.fallback and cfg.default.enabled:
-        spec = fallback_spec(cfg.default)
-        setattr(model, _SCOPE, FallbackScope(model, spec, cfg.fallback_min_numel))
+        return FallbackScope(model, fallback_spec(cfg.default), cfg.fallback_min_numel)
+    return None
 
 
 def revert_model(model: nn.Module) -> nn.Module:
@@ -188,16 +168,29 @@ def revert_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         _swap_out(module)
     _set_fallback(model, None)
-    for attr in (_REPORT, _CONFIG, _SHARING):
-        model.__dict__.pop(attr, None)
+    model.__dict__.pop("qbackprop_plan", None)
     return model
+
+
+def model_plan(model: nn.Module) -> ModelPlan | None:
+    """The plan of the last ``convert_model`` (None if ``model`` was never converted)."""
+    plan = model.__dict__.get("qbackprop_plan")
+    return plan if isinstance(plan, ModelPlan) else None
+
+
+def layer_plans(model: nn.Module) -> dict[str, LayerPlan]:
+    """Every converted layer's frozen plan, by qualified name."""
+    return {
+        (n or "<root>"): m.qplan for n, m in model.named_modules() if isinstance(m, QuantizedModule)
+    }
 
 
 @contextlib.contextmanager
 def temporarily_unconverted(model: nn.Module) -> Iterator[None]:
     """Within the block every converted layer runs as its original module, fallback off."""
     swapped = [(m, type(m)) for m in model.modules() if isinstance(m, QuantizedModule)]
-    scope = getattr(model, _SCOPE, None)
+    plan = model_plan(model)
+    scope = plan.fallback if plan is not None else None
     for module, _ in swapped:
         module.__class__ = original_type(module)
     if scope is not None:
@@ -213,17 +206,20 @@ def temporarily_unconverted(model: nn.Module) -> Iterator[None]:
 
 def conversion_report(model: nn.Module) -> list[ConversionRow]:
     """One row per convertible module of the last ``convert_model``: converted, or why not."""
-    return list(getattr(model, _REPORT, []))
+    plan = model_plan(model)
+    return list(plan.rows) if plan is not None else []
 
 
 def sharing_summary(model: nn.Module) -> str:
     """How the sharing plan of the last ``convert_model`` was made ("" when none was needed)."""
-    return getattr(model, _SHARING, "")
+    plan = model_plan(model)
+    return plan.how if plan is not None else ""
 
 
 def converted_config(model: nn.Module) -> QuantConfig | None:
     """The config a model was last converted with (None if it is not converted)."""
-    return getattr(model, _CONFIG, None)
+    plan = model_plan(model)
+    return plan.config if plan is not None else None
 
 
 def has_converted_layers(model: nn.Module) -> bool:

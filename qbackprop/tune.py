@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from .config import QuantConfig, as_quant_config
 from .errors import QbackpropUserError
 from .fidelity import Batch, flat_grad, measure_fidelity, measurement_copy
-from .layers.registry import QuantizedModule
 from .memory import measure_saved_activations
+from .planner import converted_layers, replan
 from .quant import QuantSpec
 from .schema import Problem
 from .surgery import conversion_report, convert_model
@@ -161,7 +161,8 @@ def _uniform(cfg: QuantConfig, bits: int) -> QuantConfig:
 
 def _convert(model: nn.Module, cfg: QuantConfig, example) -> nn.Module:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # Probe copies of one model: its "nothing to convert" would repeat for every copy.
+        warnings.filterwarnings("ignore", message=".*nothing to convert.*")
         return convert_model(measurement_copy(model), cfg, example_input=example)
 
 
@@ -187,9 +188,9 @@ def layer_bytes(
     return table, elements, fp32
 
 
-def _set_only(modules: dict[str, QuantizedModule], name: str | None, spec: QuantSpec) -> None:
-    for other, module in modules.items():
-        module.qspec = spec if other == name else None
+def _set_only(model: nn.Module, names: Sequence[str], name: str | None, spec: QuantSpec) -> None:
+    # Through the planner, as every plan is made (no forward: the structure is known).
+    replan(model, {other: spec if other == name else None for other in names})
 
 
 def sensitivities(
@@ -209,13 +210,13 @@ def sensitivities(
     converted = _convert(model, _uniform(cfg, probe_bits), x[:2])
     # every converted layer, not only the measured ones: a layer left at the probe spec would
     # add its noise to every measurement
-    modules = {n: m for n, m in converted.named_modules() if isinstance(m, QuantizedModule)}
+    layers = list(converted_layers(converted))
     spec = _uniform(cfg, probe_bits).default
-    _set_only(modules, None, spec)
+    _set_only(converted, layers, None, spec)
     exact = flat_grad(converted, x, y)
     out = {}
     for name in tqdm(names, desc="layer sensitivity", disable=not progress, leave=False):
-        _set_only(modules, name, spec)
+        _set_only(converted, layers, name, spec)
         noise = sum(
             float((flat_grad(converted, x, y) - exact).square().sum()) for _ in range(draws)
         )

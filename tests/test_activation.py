@@ -37,7 +37,7 @@ from torch import nn
 import qbackprop.layers.activation as qlayers
 from qbackprop.functions import activation as qact
 from qbackprop.functions import fewbit
-from qbackprop.layers.registry import find_swap
+from qbackprop.layers.registry import find_swap, plan_alone
 from qbackprop.quant import QuantSpec
 from qbackprop.quant.packing import unpack_codes
 
@@ -55,7 +55,7 @@ def quantize(module: nn.Module, spec: QuantSpec | None) -> nn.Module:
     assert swap.check is None or swap.check(module) is None
     original = type(module)
     module.__class__ = type("Q" + original.__name__, (swap.mixin, original), {})
-    module.qspec = spec
+    module.qplan = plan_alone(module, spec)
     return module
 
 

@@ -15,7 +15,7 @@ from qbackprop.functions.linear import quantized_linear
 from qbackprop.functions.saved import is_handled
 from qbackprop.layers.conv import QuantizedConv, QuantizedConv2dSame
 from qbackprop.layers.linear import QuantizedLinear
-from qbackprop.layers.registry import find_swap
+from qbackprop.layers.registry import find_swap, plan_alone
 from qbackprop.quant import QuantSpec, compress
 
 FP32 = QuantSpec(bits=32)
@@ -33,7 +33,7 @@ def convert(module: nn.Module, spec: QuantSpec | None) -> nn.Module:
     swap = find_swap(type(module))
     assert swap is not None and (swap.check is None or swap.check(module) is None)
     module.__class__ = type("Q" + type(module).__name__, (swap.mixin, type(module)), {})
-    module.qspec = spec
+    module.qplan = plan_alone(module, spec)
     return module
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 import qbackprop as qb
 from qbackprop.config import ConfigError
-from qbackprop.functions import shared
 
 
 class BnActConv(nn.Module):
@@ -59,7 +58,7 @@ def test_consumer_stores_nothing_and_the_bytes_go_to_precision(x, act, xhat_bits
     torch.manual_seed(0)
     model = qb.convert_model(BnActConv(act), "2bit-stochastic")
     grads(model, x)  # the first step learns that bn feeds a converted conv
-    assert shared.feeds_converted(model.bn)
+    assert model.bn.qplan.shared_output
     report = qb.measure_saved_activations(model, x)
     assert row_bytes(report, "conv2") == 0  # rebuilt from bn's x̂: no bytes of its own
     plain = qb.measure_saved_activations(
@@ -89,7 +88,7 @@ def test_shared_gradients_are_faithful_at_8_bits(x, act):
     exact = grads(ref, x)
     model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
     grads(model, x)
-    assert shared.feeds_converted(model.bn)
+    assert model.bn.qplan.shared_output
     assert rel_error(grads(model, x), exact) < 0.02
 
 
@@ -111,7 +110,7 @@ def test_in_place_change_after_bn_disables_sharing(x):
     model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
     for _ in range(2):
         got = grads(model, x)
-    assert not shared.feeds_converted(model.bn)
+    assert not model.bn.qplan.shared_output
     assert rel_error(got, exact) < 0.02
 
 
@@ -119,7 +118,7 @@ def test_dropout_between_bn_and_consumer_disables_sharing(x):
     torch.manual_seed(0)
     model = qb.convert_model(BnActConv(nn.Dropout(0.5)), "2bit-stochastic")
     grads(model, x)
-    assert not shared.feeds_converted(model.bn)
+    assert not model.bn.qplan.shared_output
     assert row_bytes(qb.measure_saved_activations(model, x), "conv2") > 0
 
 
@@ -152,20 +151,19 @@ def test_squeeze_excite_product_is_shared():
 
 def test_the_plan_is_made_at_conversion_and_revert_forgets_it(x):
     model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
-    assert shared.feeds_converted(model.bn)  # before any training step
-    assert (
-        "shared with its consumer"
-        in dict((r.name, r.keeps) for r in qb.conversion_report(model))["bn"]
-    )
+    assert model.bn.qplan.shared_output  # before any training step
+    row = next(r for r in qb.conversion_report(model) if r.name == "bn")
+    assert row.keeps == "x̂ at 4b, shared with conv2" and row.feeds == ("conv2",)
+    assert model.bn.qplan.feeds == ("conv2",) and "shared with conv2" in repr(model)
     qb.convert_model(model, {"default": "4bit-stochastic", "share": False})
-    assert not shared.feeds_converted(model.bn)
+    assert not model.bn.qplan.shared_output
     grads(model, x)
-    assert not shared.feeds_converted(model.bn)  # training steps never change the plan
+    assert not model.bn.qplan.shared_output  # training steps never change the plan
     qb.convert_model(model, "4bit-stochastic")
-    assert shared.feeds_converted(model.bn)
+    assert model.bn.qplan.shared_output
     qb.revert_model(model)
-    assert not shared.feeds_converted(model.bn)
-    assert "_qbackprop_feeds" not in model.bn.__dict__
+    assert "qplan" not in model.bn.__dict__ and "qbackprop_plan" not in model.__dict__
+    assert not any(k.startswith("_qbackprop") for m in model.modules() for k in vars(m))
 
 
 def test_share_must_be_a_bool():
@@ -180,7 +178,7 @@ def test_sharing_survives_autocast_casts(x):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         exact = grads(ref, x)
         grads(model, x)
-        assert shared.feeds_converted(model.bn)
+        assert model.bn.qplan.shared_output
         report = qb.measure_saved_activations(model, x)
         got = grads(model, x)
     # Only the bf16 copy of the weight, as torch keeps; the input is rebuilt from bn's x̂.
@@ -204,7 +202,7 @@ def test_a_finer_consumer_keeps_its_own_copy(x):
     model = qb.convert_model(BnActConv(nn.SiLU()), cfg)
     report = qb.measure_saved_activations(model, x)
     assert row_bytes(report, "conv2") > 0  # an 8-bit conv does not take a 3-bit x̂
-    assert not shared.feeds_converted(model.bn)  # ... so bn does not widen for nothing
+    assert not model.bn.qplan.shared_output  # ... so bn does not widen for nothing
 
 
 def test_non_affine_bn_and_a_second_backward(x):
@@ -214,7 +212,7 @@ def test_non_affine_bn_and_a_second_backward(x):
     exact = grads(ref, x)
     model = qb.convert_model(copy.deepcopy(ref), {"default": {"bits": 8}})
     grads(model, x)
-    assert shared.feeds_converted(model.bn)
+    assert model.bn.qplan.shared_output
     model.zero_grad(set_to_none=True)
     loss = model(x).square().mean()
     loss.backward(retain_graph=True)  # the shared x̂ is rebuilt again for a second backward

@@ -10,7 +10,7 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
 from qbackprop.functions.elementwise import gate_spec, quantized_mul
-from qbackprop.layers.registry import find_swap
+from qbackprop.layers.registry import find_swap, plan_alone
 from qbackprop.layers.squeeze_excite import QuantizedSEModule, QuantizedSqueezeExcite
 from qbackprop.quant import QuantSpec, compress
 
@@ -33,7 +33,7 @@ def convert(module: nn.Module, spec: QuantSpec | None) -> nn.Module:
     swap = find_swap(type(module))
     assert swap is not None and (swap.check is None or swap.check(module) is None)
     module.__class__ = type("Q" + type(module).__name__, (swap.mixin, type(module)), {})
-    module.qspec = spec
+    module.qplan = plan_alone(module, spec)
     return module
 
 

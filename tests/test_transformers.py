@@ -296,8 +296,8 @@ def test_layer_norm_output_is_shared_with_its_consumer():
     shared = qb.convert_model(TRANSFORMERS["vit_tiny"][0](), "2bit-stochastic")
     own = qb.convert_model(TRANSFORMERS["vit_tiny"][0](), {"default": {"bits": 2}, "share": False})
     keeps = {r.name: r.keeps for r in qb.conversion_report(shared)}
-    assert keeps["blocks.0.norm1"] == "x̂ at 4b, shared with its consumer"
-    assert keeps["blocks.0.norm2"] == "x̂ at 4b, shared with its consumer"
+    assert keeps["blocks.0.norm1"] == "x̂ at 4b, shared with blocks.0.attn.qkv"
+    assert keeps["blocks.0.norm2"] == "x̂ at 4b, shared with blocks.0.mlp.fc1"
     assert keeps["norm"] == "x̂ at 4b"  # the class token is sliced out first: not shared
     saved = qb.measure_saved_activations(shared, x).stored_bytes
     assert saved < 0.95 * qb.measure_saved_activations(own, x).stored_bytes

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import runtime
 from ..quant import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.spec import Rounding, Storage
@@ -307,7 +308,7 @@ def _nan_derivative_inputs(act: Activation) -> tuple[float, ...]:
     known = _NAN_INPUTS.get(act)
     if known is not None:
         return known
-    if torch.compiler.is_compiling():
+    if not runtime.prepares():
         return _SPECIAL
     probe = torch.tensor(_SPECIAL)
     with torch.no_grad():
@@ -440,4 +441,4 @@ def quantized_activation(
         return act.forward(x, inplace)  # nothing to save: plain torch, eval-speed
     # Under torch.compile out of place (Dynamo cannot trace mark_dirty); Inductor reuses the
     # buffer anyway where the input is dead.
-    return ActivationFn.apply(x, act, spec, inplace and not torch.compiler.is_compiling())
+    return ActivationFn.apply(x, act, spec, inplace and runtime.in_place_allowed())

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import runtime
 from ..quant import QuantSpec
 from . import shared
 from .autocast import autocast_disabled, autocast_inputs
@@ -193,7 +194,7 @@ def is_data(x: torch.Tensor) -> bool:
     batch), not an activation: the caller holds it anyway, so keeping a reference costs no
     bytes, where a compressed copy would add bytes and error. The stem conv's weight gradient,
     whose input patches are strongly correlated, is among the most sensitive in a CNN."""
-    if torch.compiler.is_compiling():
+    if not runtime.knows_history():
         # Dynamo cannot read grad_fn; inside a model every activation requires grad.
         return not x.requires_grad
     return x.grad_fn is None and not x.requires_grad

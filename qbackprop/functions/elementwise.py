@@ -68,7 +68,7 @@ def quantized_mul(
     gate: torch.Tensor,
     *,
     spec: QuantSpec | None = None,
-    share: bool = False,
+    producer: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """``x * gate`` (broadcasting) whose saved ``x`` is compressed by ``spec``.
 
@@ -76,8 +76,10 @@ def quantized_mul(
         x: the large operand, e.g. an ``(N, C, H, W)`` feature map.
         gate: the small operand, e.g. the ``(N, C, 1, 1)`` squeeze-excite gate; kept exact.
         spec: how the saved ``x`` is compressed; None or 32 bits keeps it exact.
-        share: tag the product with a ``Recipe`` (``shared.py``) so that a converted layer
-            consuming it rebuilds it from the saved ``x`` and gate instead of storing it again.
+        producer: the converted module computing it, when its plan lets its output be shared:
+            the product is tagged with a ``Recipe`` (``shared.py``) so that a converted layer
+            consuming it rebuilds it from the saved ``x`` and gate instead of storing it again
+            (ready when the module's plan says it feeds one).
 
     Returns:
         ``x * gate``, identical to torch's.
@@ -85,17 +87,20 @@ def quantized_mul(
     records = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
     if not records:
         return x * gate
-    return _mul_with_saved(x, gate, spec, share)
+    return _mul_with_saved(x, gate, spec, producer)
 
 
 def _mul_with_saved(
-    x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None, share: bool
+    x: torch.Tensor, gate: torch.Tensor, spec: QuantSpec | None, producer
 ) -> torch.Tensor:
-    sources: list | None = [] if share and spec is not None and spec.enabled else None
+    plan = producer.qplan if producer is not None else None
+    tags = plan is not None and plan.share and (plan.feeds or shared.watcher() is not None)
+    sources: list | None = [] if tags and spec is not None and spec.enabled else None
     with autocast_disabled(x.device.type):
         out = GateMultiplyFunction.apply(x, gate, spec, sources)
     if sources and all(s is not None for s in sources):
-        shared.tag(out, shared.product(sources[0], sources[1], out.dtype))
+        ready = plan.shared_output
+        shared.tag(out, shared.product(sources[0], sources[1], out.dtype, ready, producer))
     return out
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import runtime
 from ..quant.packing import pack_codes, packed_numel, unpack_codes
 from ..quant.stochastic import stochastic_round
 
@@ -381,7 +382,7 @@ def _ready(name: str, bits: int, params: tuple[float, ...], device: torch.device
     # The tables are built by autograd in float64, which cannot run inside an op's kernel
     # (below the autograd key): build them here, before the call. Under torch.compile the
     # conversion already built them (``prepare``) and this is skipped, not traced.
-    if not torch.compiler.is_compiling():
+    if runtime.prepares():
         prepare(name, bits, tuple(params), device)
 
 

@@ -12,26 +12,30 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import runtime
 from ..quant import CompressedTensor, QuantSpec, compress
 from ..quant.spec import Storage
 from .shared import Leaf, Recipe, identity, leaf_bits, usable_recipe
+from .tensor_table import TensorTable
 
-_HANDLED = "_qbackprop_handled"
+# Tensors a qbackprop Function keeps as they are (or already compressed), for as long as each
+# lives: a side table, so nothing is written onto a user's tensors.
+_HANDLED: TensorTable[bool] = TensorTable()
 
 
 def mark_handled(*tensors: torch.Tensor | None) -> None:
     """Mark tensors that a qbackprop Function keeps as they are: the fallback skips them.
 
-    (Not under torch.compile, where the fallback hooks are off: see fallback.py.)"""
-    if torch.compiler.is_compiling():
+    (Not in a traced graph, where the fallback hooks are off: see ``runtime.py``.)"""
+    if runtime.tracing():
         return
     for t in tensors:
         if t is not None:
-            setattr(t, _HANDLED, True)
+            _HANDLED[t] = True
 
 
 def is_handled(t: torch.Tensor) -> bool:
-    return getattr(t, _HANDLED, False)
+    return t in _HANDLED
 
 
 class _Slot:
@@ -82,8 +86,8 @@ def save_for_backward(
             mark_handled(x)
             slots.append(_Slot("raw", None, 1, spec))
             tensors.append(x)
-            compiling = torch.compiler.is_compiling()
-            sources.append(None if compiling else _source(Leaf(None, (x,), 32.0), x.dtype))
+            shares = runtime.shares()
+            sources.append(_source(Leaf(None, (x,), 32.0), x.dtype) if shares else None)
         elif spec.storage == Storage.ON_BACKWARD:
             mark_handled(x)
             slots.append(_Slot("late", None, 1, spec))
@@ -102,11 +106,9 @@ def save_for_backward(
             mark_handled(*held)
             slots.append(_Slot("packed", ct, len(held), spec))
             tensors.extend(held)
-            # (Nothing is shared under torch.compile: no recipe to build there.)
-            compiling = torch.compiler.is_compiling()
-            sources.append(
-                None if compiling else _source(Leaf(ct, tuple(held), leaf_bits(spec)), x.dtype)
-            )
+            # (Nothing is shared in a traced graph: no recipe to build there.)
+            leaf = Leaf(ct, tuple(held), leaf_bits(spec))
+            sources.append(_source(leaf, x.dtype) if runtime.shares() else None)
     mark_handled(*exact)
     ctx.qbackprop_slots = slots
     ctx.qbackprop_num_exact = len(exact)

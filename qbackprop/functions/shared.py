@@ -12,14 +12,16 @@ projection conv after it saves nothing.
 Sharing turns two b-bit copies into one, and the producer spends those bytes on precision: a
 BatchNorm whose output feeds a converted layer keeps x̂ at ``2·b`` bits, or, with a smooth
 activation in between, x̂ and that activation's derivative code split the three copies' bytes
-(``widen``, ``code_bits``: 3 + 3 bits at ``b = 2``). Which BatchNorms feed converted layers is
-the *plan*, decided once by ``convert_model`` in a planning forward (``planning()``: a consumer
-marks its producer) and shown by ``conversion_report``; training steps never change it, so
-the first step keeps exactly what every later step keeps.
+(``widen``, ``code_bits``: 3 + 3 bits at ``b = 2``). Which producers feed converted layers is
+the *plan* (``layers/plan.py``), decided once by ``convert_model`` in a planning forward
+(``qbackprop/planner.py``: while it watches, a consumer reports the producer of a recipe it
+would use) and shown by ``conversion_report``; training steps never change it, so the first
+step keeps exactly what every later step keeps.
 
-Tags are plain attributes on tensor objects, checked against the tensor's version counter: an
-in-place change after tagging (``out += shortcut``), a view, a cast or a dropout gives a
-tensor without a valid recipe, and the consumer keeps its own copy as before.
+Recipes travel in a side table keyed on the live output tensor (``tensor_table.py``), checked
+against the tensor's version counter: an in-place change after tagging (``out += shortcut``),
+a view, a cast or a dropout gives a tensor without a valid recipe, and the consumer keeps its
+own copy as before. Nothing is written onto tensors or modules.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from .. import runtime
 from ..quant import CompressedTensor, QuantSpec
+from .tensor_table import TensorTable
 
-_TAG = "_qbackprop_recipe"
-_FEEDS = "_qbackprop_feeds"  # set on a producer module once a consumer asked for its output
-_SMOOTH = "_qbackprop_smooth_act"  # ... once a smooth activation (derivative codes) followed it
 FULL_BITS = 32
 
 Build = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
@@ -164,62 +166,64 @@ def code_bits(bits: int) -> int:
     return min(bits + bits // 2, 16)
 
 
-_planning = [False]
+class Watcher(Protocol):
+    """What a planning forward reports to the planner (``qbackprop/planner.py``)."""
+
+    def consumer_of(self, producer: torch.nn.Module) -> None:
+        """The converted layer running now would rebuild ``producer``'s output."""
+
+    def smooth_after(self, producer: torch.nn.Module) -> None:
+        """The activation running now (a smooth one) was applied to ``producer``'s output."""
+
+    def per_sample(self, layer: torch.nn.Module) -> None:
+        """``layer`` (a Linear) was fed one vector per sample."""
+
+
+_WATCHERS: list[Watcher] = []
 
 
 @contextlib.contextmanager
-def planning() -> Iterator[None]:
-    """Within the block, forwards decide the sharing plan (which producers feed converted
-    layers, which are followed by a smooth activation); outside it the plan is only read."""
-    _planning[0] = True
+def watched(watcher: Watcher) -> Iterator[None]:
+    """Within the block, forwards report what they share to ``watcher`` (the planning
+    forward); outside it nothing is reported and the plan is only read."""
+    _WATCHERS.append(watcher)
     try:
         yield
     finally:
-        _planning[0] = False
+        _WATCHERS.remove(watcher)
 
 
-def is_planning() -> bool:
-    return _planning[0]
-
-
-def feeds_converted(module: torch.nn.Module) -> bool:
-    """Whether a consumer has asked for ``module``'s output (learned in a forward)."""
-    return bool(module.__dict__.get(_FEEDS, False))
-
-
-def has_smooth_activation(module: torch.nn.Module) -> bool:
-    """Whether a smooth activation (derivative codes) follows ``module`` (learned in a forward)."""
-    return bool(module.__dict__.get(_SMOOTH, False))
+def watcher() -> Watcher | None:
+    """The planner watching this forward, if any."""
+    return _WATCHERS[-1] if _WATCHERS else None
 
 
 def note_smooth_activation(recipe: Recipe) -> None:
-    """Called by a smooth activation on a tagged input: its producer learns it is followed."""
-    if recipe.producer is not None and _planning[0]:
-        setattr(recipe.producer, _SMOOTH, True)
+    """Called by a smooth activation on a tagged input: the planner learns its producer is
+    followed by one."""
+    w = watcher()
+    if w is not None and recipe.producer is not None:
+        w.smooth_after(recipe.producer)
 
 
-def forget(module: torch.nn.Module) -> None:
-    module.__dict__.pop(_FEEDS, None)
-    module.__dict__.pop(_SMOOTH, None)
-    module.__dict__.pop("_qbackprop_xhat_spec", None)  # derived from the plan (layers/norm.py)
-    module.__dict__.pop("_qbackprop_input_spec", None)  # ... (layers/linear.py)
+# output tensor -> (its recipe, the tensor's version when tagged)
+_RECIPES: TensorTable[tuple[Recipe, int]] = TensorTable()
 
 
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
     """Attach ``recipe`` to ``t`` (valid until ``t`` is changed in place); returns ``t``.
 
-    Under torch.compile nothing is shared: tensors cannot carry attributes in a traced graph,
-    so every consumer keeps its own copy (docs/design-notes.md, "Under torch.compile")."""
-    if recipe is not None and not torch.compiler.is_compiling():
-        setattr(t, _TAG, (recipe, t._version))
+    Not in a traced graph (``runtime.shares``): there every consumer keeps its own copy."""
+    if recipe is not None and runtime.shares():
+        _RECIPES[t] = (recipe, t._version)
     return t
 
 
 def recipe_of(t: torch.Tensor) -> Recipe | None:
     """The valid recipe of ``t``, or None (none attached, or ``t`` changed in place since)."""
-    if torch.compiler.is_compiling():
+    if not runtime.shares():
         return None
-    entry = getattr(t, _TAG, None)
+    entry = _RECIPES.get(t)
     if entry is None or entry[1] != t._version:
         return None
     return entry[0]
@@ -228,17 +232,19 @@ def recipe_of(t: torch.Tensor) -> Recipe | None:
 def usable_recipe(t: torch.Tensor, spec: QuantSpec) -> Recipe | None:
     """The recipe a consumer saving ``t`` under ``spec`` may use instead of compressing it.
 
-    A recipe that is not ready yet, in the planning forward, teaches its producer that its
-    output feeds a converted layer (so later forwards widen and share); one coarser than
-    ``spec`` (fewer expected bits per element) is not used.
+    A recipe whose producer's plan does not share (not ``ready``) is not used; in the planning
+    forward the consumer reports that producer to the planner when it would use it (the
+    producer's ``promise`` of bits is at least what ``spec`` keeps). One coarser than ``spec``
+    (fewer expected bits per element) is not used.
     """
     recipe = recipe_of(t)
     if recipe is None or recipe.dtype != t.dtype:
         return None
     if not recipe.ready:
+        w = watcher()
         wanted = recipe.promise is None or recipe.promise >= leaf_bits(spec)
-        if recipe.producer is not None and wanted and _planning[0]:
-            setattr(recipe.producer, _FEEDS, True)
+        if w is not None and recipe.producer is not None and wanted:
+            w.consumer_of(recipe.producer)
         return None
     return recipe if recipe.bits >= leaf_bits(spec) else None
 
@@ -271,11 +277,15 @@ def affine(
     return Recipe(xhat.leaves, tuple(params), build, ready, producer, dtype, promise)
 
 
-def product(a: Recipe, b: Recipe, dtype: torch.dtype) -> Recipe:
-    """The recipe of ``a * b`` (the squeeze-excite multiply)."""
+def product(
+    a: Recipe, b: Recipe, dtype: torch.dtype, ready: bool, producer: torch.nn.Module
+) -> Recipe:
+    """The recipe of ``a * b`` (the squeeze-excite multiply), made by ``producer``."""
     na, ma = len(a.leaves), len(a.exact)
 
     def build(values: list[torch.Tensor], exact: list[torch.Tensor]) -> torch.Tensor:
         return a.build(values[:na], exact[:ma]) * b.build(values[na:], exact[ma:])
 
-    return Recipe(a.leaves + b.leaves, a.exact + b.exact, build, a.ready and b.ready, None, dtype)
+    promise = min(a.bits, b.bits)
+    ready = ready and a.ready and b.ready
+    return Recipe(a.leaves + b.leaves, a.exact + b.exact, build, ready, producer, dtype, promise)

@@ -17,7 +17,9 @@ from torch import nn
 from ..functions import activation as act
 from ..functions import shared
 from ..functions.activation import Activation, quantized_activation, recomputed_backward
+from ..quant import QuantSpec
 from .conv import forward_override_check
+from .plan import LayerPlan, PlanContext
 from .registry import QuantizedModule, register_swap
 
 
@@ -33,15 +35,29 @@ class _ActivationMixin(QuantizedModule):
         """The ``Activation`` this module computes, from its current attributes."""
         raise NotImplementedError
 
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        producer = ctx.producers.get(ctx.structure.activation_of.get(name, ""))
+        smooth = self.activation().step is None
+        if not (smooth and producer is not None and producer.shared_output):
+            return LayerPlan(name, spec, share, spec, spec)
+        if spec is None or not spec.enabled:
+            return LayerPlan(name, spec, share, spec, spec)
+        # Between a shared producer and its consumer: a wider code (see shared.widen).
+        wide = spec.replace(bits=shared.code_bits(spec.bits))
+        note = f"derivative code at {wide.bits}b (between {producer.name} and its consumer)"
+        return LayerPlan(name, spec, share, wide, spec, (), note)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fn = self.activation()
         recipe = shared.recipe_of(input)  # read before an in-place activation changes it
-        spec = self.qspec
+        plan = self.qplan
+        spec = plan.spec
         if recipe is not None and fn.step is None:
             shared.note_smooth_activation(recipe)
-            if recipe.ready and spec is not None and spec.enabled:
-                # Between a shared BatchNorm and its consumer: a wider code (see shared.widen).
-                spec = spec.replace(bits=shared.code_bits(spec.bits))
+            if recipe.ready:
+                spec = plan.saves
         # Modules without an ``inplace`` attribute (GELU, Softplus, timm's dummies) never are.
         out = quantized_activation(input, fn, spec, getattr(self, "inplace", False))
         if recipe is not None:  # a BatchNorm output: the activation of it is rebuildable too

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..functions.conv import quantized_conv, subsampled_spec
+from ..quant import QuantSpec
+from .plan import LayerPlan, PlanContext
 from .registry import QuantizedModule, register_swap
 
 
@@ -66,11 +68,15 @@ class QuantizedConv(QuantizedModule):
     ``F.pad`` first and convolves with zero padding; ``'same'`` / ``'valid'`` work as in torch.
     """
 
-    def saves(self) -> str:
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
         strided = any(st > 1 for st in self.stride) and all(k == 1 for k in self.kernel_size)
-        if strided and not isinstance(self.padding, str) and not any(self.padding):
-            return f"subsampled input at {subsampled_spec(self.qspec, self.stride).bits}b"
-        return ""
+        note = ""
+        unpadded = not isinstance(self.padding, str) and not any(self.padding)
+        if spec is not None and strided and unpadded:
+            note = f"subsampled input at {subsampled_spec(spec, self.stride).bits}b"
+        return LayerPlan(name, spec, share, spec, spec, (), note)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padding = self.padding

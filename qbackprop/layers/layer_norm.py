@@ -8,23 +8,29 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from torch import nn
 
+from .. import runtime
 from ..functions import shared
 from ..functions.layer_norm import group_norm, layer_norm
 from ..functions.norm import normalized_spec
+from ..functions.shared import leaf_bits
+from ..quant import QuantSpec
+from .norm import shared_norm_plan
+from .plan import LayerPlan, PlanContext
 from .registry import QuantizedModule, register_swap
 
 
 class _NormSaves(QuantizedModule):
-    def saves(self) -> str:
-        note = f"x̂ at {normalized_spec(self.qspec).bits}b"
-        if self.qshare and shared.feeds_converted(self):
-            return f"{note}, shared with its consumer"
-        return note
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        xhat = normalized_spec(spec)
+        note = f"x̂ at {xhat.bits}b" if xhat is not None and xhat.enabled else ""
+        return LayerPlan(name, spec, share, xhat, xhat, (), note)
 
 
 @register_swap(TimmLayerNorm, "norm")
 @register_swap(nn.LayerNorm, "norm")
-class QuantizedLayerNorm(_NormSaves):
+class QuantizedLayerNorm(QuantizedModule):
     """LayerNorm over the trailing ``normalized_shape`` (torch's and timm's, whose forward is
     the same ``F.layer_norm`` unless timm's optional fast-norm kernels are switched on).
 
@@ -33,18 +39,28 @@ class QuantizedLayerNorm(_NormSaves):
     from the x̂ kept here (2·b bits) instead of keeping a b-bit copy of its own.
     """
 
+    producer = True
+
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        xhat = normalized_spec(spec)
+        promise = leaf_bits(xhat) if xhat is not None and xhat.enabled else 0.0
+        return shared_norm_plan(name, spec, share, ctx, promise, xhat)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        spec = self.qspec
-        sources = [] if self.qshare and spec is not None and spec.enabled else None
+        plan = self.qplan
+        spec = plan.spec
+        tags = plan.share and spec is not None and spec.enabled and runtime.shares()
+        sources = [] if tags else None
         out = layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, spec, sources
         )
-        if sources and sources[0] is not None:
-            ready = shared.feeds_converted(self)
-            promise = shared.leaf_bits(normalized_spec(spec))
+        if sources and sources[0] is not None and (plan.feeds or shared.watcher()):
+            promise = leaf_bits(normalized_spec(spec))
             params = (self.weight, self.bias)
             recipe = shared.affine(
-                sources[0], params, out.dtype, ready, self, promise, trailing=True
+                sources[0], params, out.dtype, plan.shared_output, self, promise, trailing=True
             )
             shared.tag(out, recipe)
         return out

@@ -6,10 +6,11 @@ import torch
 from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 
-from ..functions import shared
 from ..functions.linear import quantized_linear
+from ..functions.shared import watcher
 from ..quant import QuantSpec
 from .conv import forward_override_check
+from .plan import LayerPlan, PlanContext
 from .registry import QuantizedModule, register_swap
 
 # A Linear fed one vector per sample (a classifier after pooling, ViT's head on the class
@@ -17,7 +18,6 @@ from .registry import QuantizedModule, register_swap
 # compression error does not average out (vit_tiny on the digits at the 2-bit preset: the head
 # alone gave a variance ratio of 0.93, at 8 bits 0.0009), while its input is a few KiB.
 PER_SAMPLE_MIN_BITS = 8
-_INPUT_SPEC = "_qbackprop_input_spec"  # set by the planning forward (shared.forget drops it)
 
 
 def per_sample_spec(spec: QuantSpec | None) -> QuantSpec | None:
@@ -37,18 +37,19 @@ class QuantizedLinear(QuantizedModule):
     input in the planning forward was one vector per sample (2-D) keeps it at >= 8 bits.
     """
 
-    def saves(self) -> str:
-        spec = self._input_spec()
-        if spec is not self.qspec and spec is not None and spec.enabled:
-            return f"input at {spec.bits}b (one vector per sample)"
-        return ""
-
-    def _input_spec(self) -> QuantSpec | None:
-        entry = self.__dict__.get(_INPUT_SPEC)
-        return entry[1] if entry is not None and entry[0] == self.qspec else self.qspec
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        if name not in ctx.structure.per_sample:
+            return LayerPlan(name, spec, share, spec, spec)
+        saves = per_sample_spec(spec)
+        note = ""
+        if saves is not spec and saves is not None and saves.enabled:
+            note = f"input at {saves.bits}b (one vector per sample)"
+        return LayerPlan(name, spec, share, saves, saves, (), note)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if shared.is_planning() and not torch.compiler.is_compiling():
-            spec = per_sample_spec(self.qspec) if input.dim() <= 2 else self.qspec
-            self.__dict__[_INPUT_SPEC] = (self.qspec, spec)
-        return quantized_linear(input, self.weight, self.bias, spec=self._input_spec())
+        planner = watcher()
+        if planner is not None and input.dim() <= 2:
+            planner.per_sample(self)
+        return quantized_linear(input, self.weight, self.bias, spec=self.qplan.saves)

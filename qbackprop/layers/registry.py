@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..quant import QuantSpec
+from .plan import LayerPlan, PlanContext, Structure
 
 
 class QuantizedModule:
@@ -16,16 +17,35 @@ class QuantizedModule:
     A converted module keeps its object, Parameters, buffers, hooks and ``state_dict`` keys: its
     class is swapped for ``type("Q" + Original.__name__, (Mixin, Original), {})``, so it still *is*
     an instance of the original type and ``revert`` only swaps the class back. The mixin
-    overrides ``forward`` (same signature as the original) and reads ``self.qspec``.
+    overrides ``forward`` (same signature as the original) and reads its frozen plan,
+    ``self.qplan`` (``layers/plan.py``), written once by the planner at conversion.
     """
 
     family: str = ""
-    qspec: QuantSpec | None = None
-    qshare: bool = False  # QuantConfig.share: a BatchNorm output may serve its consumer
+    # Producers (normalizations, the squeeze-excite multiply) are planned before the layers
+    # whose plans depend on theirs (an activation between a shared producer and its consumer).
+    producer: bool = False
+    qplan: LayerPlan = LayerPlan("", None)
+
+    @property
+    def qspec(self) -> QuantSpec | None:
+        """The config's spec for this layer (``qplan.spec``)."""
+        return self.qplan.spec
+
+    @property
+    def qshare(self) -> bool:
+        """Whether the config lets this layer's output be shared (``qplan.share``)."""
+        return self.qplan.share
+
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        """This layer's plan under ``spec`` (called by the planner, never in forward)."""
+        return LayerPlan(name, spec, share, spec, spec)
 
     def saves(self) -> str:
         """What this layer keeps when it differs from ``qspec`` (e.g. x̂ at wider bits)."""
-        return ""
+        return self.qplan.note
 
     def __reduce_ex__(self, protocol: int):
         # The generated class (mixin + original) has no importable name: pickle, deepcopy and
@@ -39,6 +59,13 @@ class QuantizedModule:
         note = self.saves() if self.qspec is not None and self.qspec.enabled else ""
         spec = f"{spec} ({note})" if note else spec
         return f"{base}, qbackprop={spec}" if base else f"qbackprop={spec}"
+
+
+def original_class(module: nn.Module) -> type[nn.Module]:
+    """The module's type before conversion (its own type if it was never converted)."""
+    if isinstance(module, QuantizedModule):
+        return type(module).__bases__[1]  # Q<Original>(mixin, original)
+    return type(module)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -105,3 +132,9 @@ def find_swap(module_type: type[nn.Module]) -> Swap | None:
 
 def registered_types() -> list[type[nn.Module]]:
     return list(_REGISTRY)
+
+
+def plan_alone(module: QuantizedModule, spec: QuantSpec | None, name: str = "") -> LayerPlan:
+    """The plan of ``module`` converted on its own (nothing shared): for a module converted
+    by hand, outside ``convert_model``."""
+    return module.make_plan(name, spec, False, PlanContext(Structure(), {name: spec}, {}))

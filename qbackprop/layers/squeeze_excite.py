@@ -11,12 +11,37 @@ from timm.layers.squeeze_excite import SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 from ..functions.elementwise import quantized_mul
+from ..functions.shared import leaf_bits
+from ..quant import QuantSpec
 from .conv import forward_override_check
+from .plan import LayerPlan, PlanContext
 from .registry import QuantizedModule, register_swap
 
 
+class _GateProducer(QuantizedModule):
+    """The ``x * gate`` output is rebuilt by its consumer (``shared.product``) when the plan
+    says it feeds one."""
+
+    producer = True
+
+    def make_plan(
+        self, name: str, spec: QuantSpec | None, share: bool, ctx: PlanContext
+    ) -> LayerPlan:
+        feeds: tuple[str, ...] = ()
+        if share and spec is not None and spec.enabled:
+            feeds = tuple(
+                c
+                for c in ctx.structure.consumers.get(name, ())
+                if (s := ctx.specs.get(c)) is not None
+                and s.enabled
+                and leaf_bits(spec) >= leaf_bits(s)
+            )
+        note = f"output rebuilt by {', '.join(feeds)}" if feeds else ""
+        return LayerPlan(name, spec, share, spec, spec, feeds, note)
+
+
 @register_swap(SqueezeExcite, "elementwise", check=forward_override_check(SqueezeExcite))
-class QuantizedSqueezeExcite(QuantizedModule):
+class QuantizedSqueezeExcite(_GateProducer):
     """Mixin for ``timm.models._efficientnet_blocks.SqueezeExcite`` (EfficientNet / MobileNet)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -24,11 +49,11 @@ class QuantizedSqueezeExcite(QuantizedModule):
         x_se = self.conv_reduce(x_se)
         x_se = self.act1(x_se)
         x_se = self.conv_expand(x_se)
-        return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)
+        return quantized_mul(x, self.gate(x_se), spec=self.qspec, producer=self)
 
 
 @register_swap(SEModule, "elementwise", check=forward_override_check(SEModule))
-class QuantizedSEModule(QuantizedModule):
+class QuantizedSEModule(_GateProducer):
     """Mixin for ``timm.layers.squeeze_excite.SEModule`` (ResNet / RegNet style SE)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,4 +64,4 @@ class QuantizedSEModule(QuantizedModule):
         x_se = self.fc1(x_se)
         x_se = self.act(self.bn(x_se))
         x_se = self.fc2(x_se)
-        return quantized_mul(x, self.gate(x_se), spec=self.qspec, share=self.qshare)
+        return quantized_mul(x, self.gate(x_se), spec=self.qspec, producer=self)

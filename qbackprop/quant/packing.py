@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from qbackprop import runtime
+
 BLOCK = 64
 _GCD_WITH_8 = {b: math.gcd(b, 8) for b in range(1, 9)}
 
@@ -55,7 +57,7 @@ def _shifts(count: int, step: int, dtype: torch.dtype, device: torch.device) -> 
     """``[0, step, ..., (count - 1) * step]`` as a ``(1, count, 1)`` tensor, made once per
     device: packing runs for every saved tensor, and small tensors are dominated by such
     fixed costs."""
-    if torch.compiler.is_compiling():  # a traced graph makes its constants once anyway
+    if runtime.tracing():  # a traced graph makes its constants once anyway
         return torch.arange(0, count * step, step, dtype=dtype, device=device).view(1, -1, 1)
     key = (count, step, dtype, device)
     out = _shift_cache.get(key)

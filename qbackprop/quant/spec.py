@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-import torch
-
+from qbackprop import runtime
 from qbackprop.schema import Problem, choice, integer, join, number, option, validate
 
 
@@ -104,7 +103,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         # Under torch.compile the only specs made are derived in forward (wider copies, gate
         # bits) from checked ones by our own code, and the schema's kinds are not traceable.
-        if not torch.compiler.is_compiling():
+        if runtime.validates_specs():
             validate(self, "QuantSpec")
         # The canonical string the compression ops take (ops.spec_key), made once per spec:
         # under torch.compile reading it is an attribute load, not a traced to_dict().
