@@ -192,3 +192,20 @@ def test_metrics_record_the_epochs_memory_peaks(tmp_path):
     (row,) = read_metrics(tmp_path / "m.csv")
     assert row["peak_rss_mib"] == peaks.get("peak_rss_mib")
     assert row["cuda_max_reserved_mib"] == 12.5 and row["cuda_max_allocated_mib"] is None
+
+
+def test_convert_model_leaves_the_allocator_alone_when_asked(monkeypatch):
+    from torch import nn
+
+    import qbackprop as qb
+    from qbackprop import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "tune_host_allocator", lambda *a, **k: calls.append(1))
+    qb.convert_model(nn.Sequential(nn.Linear(4, 4)), "2bit-stochastic", tune_allocator=False)
+    qb.convert_model(
+        nn.Sequential(nn.Linear(4, 4)), {"default": "2bit-stochastic", "tune_allocator": False}
+    )
+    assert calls == []
+    qb.convert_model(nn.Sequential(nn.Linear(4, 4)), "2bit-stochastic")
+    assert calls == [1]

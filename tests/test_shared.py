@@ -236,3 +236,54 @@ def test_activation_checkpointing_of_a_converted_block(x):
     checkpoint(model, x, use_reentrant=False).square().mean().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert rel_error(got, exact) < 0.02
+
+
+class _FailsOnce(nn.Module):
+    """BnActConv whose forward raises on the planning batch (an input it does not accept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = BnActConv(nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if x.shape[-1] != 16:
+            raise RuntimeError("this model takes 16 px images")
+        return out
+
+
+def test_a_failed_planning_forward_commits_nothing_but_own_copies():
+    model = _FailsOnce()
+    with pytest.warns(UserWarning, match="sharing plan's forward failed"):
+        qb.convert_model(model, "2bit-stochastic")
+    # The forward ran up to the error and would have marked bn as shared: nothing of it stays.
+    assert not model.inner.bn.qplan.shared_output
+    assert qb.surgery.model_plan(model).structure.consumers == {}
+    planned = qb.convert_model(
+        _FailsOnce(), "2bit-stochastic", example_input=torch.randn(2, 3, 16, 16)
+    )
+    assert planned.inner.bn.qplan.feeds == ("inner.conv2",)
+
+
+def test_a_users_example_input_that_fails_raises():
+    with pytest.raises(RuntimeError, match="16 px"):
+        qb.convert_model(_FailsOnce(), "2bit-stochastic", example_input=torch.randn(2, 3, 8, 8))
+
+
+def test_replan_derives_plans_without_a_forward():
+    model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    qb.surgery.replan(model, {"conv2": None})
+    assert not model.bn.qplan.shared_output and calls == []  # its only consumer is off
+    qb.surgery.replan(model, {"conv2": qb.QuantSpec(bits=2)})
+    assert model.bn.qplan.feeds == ("conv2",)
+
+
+def test_a_traced_graph_keeps_the_unshared_width():
+    model = qb.convert_model(BnActConv(nn.SiLU()), "2bit-stochastic")
+    plan = model.bn.qplan
+    # Eagerly x̂ is shared (it serves conv2 too); where nothing is shared it keeps its own width.
+    assert plan.saved_spec(shares=True) == plan.saves
+    assert plan.saved_spec(shares=False) == plan.alone
+    assert plan.alone.bits == 4

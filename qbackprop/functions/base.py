@@ -13,10 +13,15 @@ once, at class creation, with what every op needs and none should forget:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from .autocast import refuse_create_graph
+
+# Backwards already wrapped (a subclass inheriting one must not wrap it twice).
+_WRAPPED: weakref.WeakSet = weakref.WeakSet()
 
 
 class QFunction(torch.autograd.Function):
@@ -27,7 +32,7 @@ class QFunction(torch.autograd.Function):
         backward = cls.__dict__.get("backward")
         if isinstance(backward, staticmethod):
             backward = backward.__func__
-        if backward is not None and not getattr(backward, "_qbackprop_wrapped", False):
+        if backward is not None and backward not in _WRAPPED:
             wrapped = refuse_create_graph(once_differentiable(backward))
-            wrapped._qbackprop_wrapped = True
+            _WRAPPED.add(wrapped)
             cls.backward = staticmethod(wrapped)
