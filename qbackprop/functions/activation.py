@@ -41,7 +41,7 @@ from .. import runtime
 from ..quant import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.spec import Rounding, Storage
-from .base import QFunction
+from .base import QFunction, records_grad
 from .fewbit import (
     MAX_BITS,
     decode_derivative,
@@ -437,7 +437,7 @@ def quantized_activation(
     Returns:
         Exactly the tensor the torch activation returns (same values, dtype, memory format).
     """
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_grad(x):
         return act.forward(x, inplace)  # nothing to save: plain torch, eval-speed
     # Under torch.compile out of place (Dynamo cannot trace mark_dirty); Inductor reuses the
     # buffer anyway where the input is dead.

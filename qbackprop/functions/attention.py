@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..quant import QuantSpec
 from ..quant.packing import pack_codes, unpack_codes
 from .autocast import autocast_disabled, autocast_inputs
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 QK_MIN_BITS = 8
@@ -214,10 +214,7 @@ def quantized_attention(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias)
-    )
-    if not records:
+    if not records_grad(q, k, v, bias):
         full = _full_mask(_bool_as_bias(bias, q.dtype), mask, windows, q.shape[0], q.shape[1])
         if explicit or dropout_p > 0.0:
             return _explicit_eval(q, k, v, full, is_causal, scale, dropout_p)

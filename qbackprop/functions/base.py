@@ -20,6 +20,14 @@ from torch.autograd.function import once_differentiable
 
 from .autocast import refuse_create_graph
 
+
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors``: every drop-in's shortcut. When it
+    will not (eval, ``no_grad``, nothing needs a gradient), nothing would be saved, and the
+    drop-in calls torch's own op (autocast dispatch included), the exact answer at eval speed."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # Backwards already wrapped (a subclass inheriting one must not wrap it twice).
 _WRAPPED: weakref.WeakSet = weakref.WeakSet()
 

@@ -12,7 +12,7 @@ from .. import runtime
 from ..quant import QuantSpec
 from . import shared
 from .autocast import autocast_disabled, autocast_inputs
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 _PLAIN_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -198,11 +198,6 @@ def is_data(x: torch.Tensor) -> bool:
         # Dynamo cannot read grad_fn; inside a model every activation requires grad.
         return not x.requires_grad
     return x.grad_fn is None and not x.requires_grad
-
-
-def records_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd will record an op on ``tensors`` (so a Function would save anything)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def quantized_conv(

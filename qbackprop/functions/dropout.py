@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..quant.packing import pack_codes, unpack_codes
 from .autocast import autocast_disabled
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 
@@ -42,6 +42,6 @@ def quantized_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor
     """
     if not training or p <= 0.0 or p >= 1.0 or x.numel() == 0:
         return F.dropout(x, p, training)
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not records_grad(x):
         return F.dropout(x, p, training)
     return DropoutFunction.apply(x, p)

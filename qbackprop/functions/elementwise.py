@@ -7,7 +7,7 @@ import torch
 from ..quant import QuantSpec
 from . import shared
 from .autocast import autocast_disabled
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 GATE_BITS = 4
@@ -84,8 +84,7 @@ def quantized_mul(
     Returns:
         ``x * gate``, identical to torch's.
     """
-    records = torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad)
-    if not records:
+    if not records_grad(x, gate):
         return x * gate
     return _mul_with_saved(x, gate, spec, producer)
 
@@ -145,7 +144,7 @@ def quantized_scale(
         gamma: the learned scale, e.g. ``(C,)`` or ``(1, C, 1, 1)``; kept exact.
         spec: how the saved ``x`` is compressed; None or 32 bits keeps it exact.
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad)):
+    if not records_grad(x, gamma):
         return x * gamma
     with autocast_disabled(x.device.type):
         return ScaleFunction.apply(x, gamma, spec)

@@ -23,8 +23,7 @@ import torch
 
 from ..quant import QuantSpec
 from .autocast import autocast_dtype
-from .base import QFunction
-from .conv import records_grad
+from .base import QFunction, records_grad
 from .norm import normalized_spec
 from .saved import load_saved, save_for_backward
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..quant import QuantSpec
 from .autocast import autocast_disabled, autocast_inputs
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 
@@ -86,10 +86,7 @@ def quantized_linear(
     Returns:
         ``(*, out_features)``, identical to torch's (autocast included).
     """
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
-    if not records:
+    if not records_grad(input, weight, bias):
         return F.linear(input, weight, bias)  # nothing is saved: torch's op is the answer
     return _linear_with_saved(input, weight, bias, spec)
 

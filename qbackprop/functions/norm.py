@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import QuantSpec
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 from .shared import scaled_bits
 
@@ -176,10 +176,7 @@ def batch_norm(
     ``sources``, when given, receives the ``Recipe`` of the saved x̂ (nothing at 32 bits or when
     no gradient is recorded), from which a caller can tag the output for sharing.
     """
-    records = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    if x.numel() == 0 or not records:
+    if x.numel() == 0 or not records_grad(x, weight, bias):
         # Nothing will be saved: torch's own op (eval speed, running stats updated the same).
         return torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps

@@ -14,7 +14,7 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from ..quant.packing import pack_codes, unpack_codes
-from .base import QFunction
+from .base import QFunction, records_grad
 from .saved import load_saved, save_for_backward
 
 
@@ -76,6 +76,6 @@ def _backward_args(pool_args):
 
 def quantized_max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """``F.max_pool2d`` (no ``return_indices``) keeping a packed in-window argmax for backward."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or x.dim() not in (3, 4) or x.numel() == 0:
+    if not records_grad(x) or x.dim() not in (3, 4) or x.numel() == 0:
         return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
     return MaxPool2dFunction.apply(x, kernel_size, stride, padding, dilation, ceil_mode)

@@ -253,15 +253,23 @@ def timm_activations() -> dict[str, Activation]:
     }
 
 
+class _TimmActivationMixin(_ActivationMixin):
+    """A timm composite activation; exact backward by rerunning timm's forward."""
+
+    timm_name: str = ""
+
+    def activation(self) -> Activation:
+        return timm_activations()[self.timm_name]
+
+
 def _timm_mixin(source: type[nn.Module], name: str) -> None:
-    @_register(source)
-    class QuantTimmActivation(_ActivationMixin):
-        """A timm composite activation; exact backward by rerunning timm's forward."""
-
-        def activation(self) -> Activation:
-            return timm_activations()[name]
-
-    QuantTimmActivation.__name__ = QuantTimmActivation.__qualname__ = f"Quant{source.__name__}"
+    # A module-level class with its own importable name (``QuantTimmSwish``, ...): pickle,
+    # deepcopy and torch.save find a converted module's mixin by it.
+    cls_name = f"QuantTimm{source.__name__}"
+    cls = type(cls_name, (_TimmActivationMixin,), {"timm_name": name, "__module__": __name__})
+    cls.__qualname__ = cls_name
+    cls.__doc__ = f"timm's {source.__name__}; exact backward by rerunning timm's forward."
+    globals()[cls_name] = _register(source)(cls)
 
 
 if timm_act is not None:
