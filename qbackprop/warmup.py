@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -36,11 +36,11 @@ class WarmedModel(NamedTuple):
     batches: list[Batch]
 
 
-def _load(path: str | os.PathLike) -> RunConfig:
+def _load(path: str | os.PathLike, overrides: Sequence[str]) -> RunConfig:
     from .train.config import load_run_config
     from .train.data import num_classes
 
-    config = load_run_config(path)
+    config = load_run_config(path, overrides)
     if config.classes_from_data:  # Tiny ImageNet / imagefolder: the class count is on disk
         model = dataclasses.replace(config.model, num_classes=num_classes(config.train.data_spec()))
         config = config.replace(model=model, classes_from_data=False)
@@ -122,6 +122,7 @@ def _load_weights(model: nn.Module, path: str | os.PathLike, config_path: str) -
 def warmed_model(
     config_path: str | os.PathLike,
     *,
+    overrides: Sequence[str] = (),
     batch_size: int = 32,
     warmup_steps: int = 100,
     checkpoint: str | os.PathLike | None = None,
@@ -136,6 +137,7 @@ def warmed_model(
 
     Args:
         config_path: a YAML file with ``model:``, ``quant:`` and ``train:`` sections.
+        overrides: dotted ``KEY=VALUE`` settings on top of the file, e.g. ``train.lr=3e-4``.
         batch_size: images per batch, >= 1.
         warmup_steps: fp32 steps first when no checkpoint is given, >= 0.
         checkpoint: a ``checkpoint.pt`` of ``qbackprop train`` or its run directory.
@@ -156,7 +158,7 @@ def warmed_model(
         raise ValueError(str(Problem("warmup_steps", warmup_steps, ">= 0")))
     from .train.data import build_datasets
 
-    config = _load(config_path)
+    config = _load(config_path, overrides)
     seed = config.train.seed if seed is None else seed
     device = _device(config.train.device)
     data = dataclasses.replace(config.train.data_spec(config.model.num_classes), augment=False)

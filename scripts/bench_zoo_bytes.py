@@ -8,23 +8,15 @@ import warnings
 
 import timm
 import torch
+from bench_zoo_fidelity import CNN_ZOO
 
 import qbackprop as qb
 
-ZOO = [
-    "efficientnetv2_rw_t",
-    "tf_efficientnetv2_b0",
-    "resnet18",
-    "resnet50",
-    "mobilenetv3_large_100",
-    "convnext_atto",
-    "regnetx_002",
-]
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    for name in ZOO:
+    for name in CNN_ZOO:
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=10)
         with warnings.catch_warnings():

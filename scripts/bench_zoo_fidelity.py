@@ -24,7 +24,7 @@ from tqdm import tqdm
 import qbackprop as qb
 from qbackprop.train.data import DataSpec, build_datasets
 
-ZOO = (
+CNN_ZOO = (
     "efficientnetv2_rw_t",
     "tf_efficientnetv2_b0",
     "resnet18",
@@ -32,9 +32,8 @@ ZOO = (
     "mobilenetv3_large_100",
     "convnext_atto",
     "regnetx_002",
-    "vit_tiny_patch16_224",
-    "swin_tiny_patch4_window7_224",
 )
+ZOO = (*CNN_ZOO, "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
 # Transformers at the digits' 32x32: 4x4 patches (64 tokens), Swin with 4x4 windows.
 MODEL_KWARGS = {
     "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 4},

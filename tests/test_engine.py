@@ -3,10 +3,6 @@ double-backward refusal for every Function."""
 
 from __future__ import annotations
 
-import copy
-import io
-import pickle
-
 import pytest
 import timm
 import torch
@@ -79,36 +75,6 @@ def test_mixed_specs_have_fixed_sizes():
     a, b = qb.compress(x, spec), qb.compress(x, spec)
     assert [t.shape for t in a.tensors()] == [t.shape for t in b.tensors()]
     assert not torch.equal(a.mix_mask, b.mix_mask)
-
-
-@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
-def test_converted_models_pickle_deepcopy_and_torch_save(name):
-    model = _model(name)
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    copies = [
-        pickle.loads(pickle.dumps(model)),
-        copy.deepcopy(model),
-        torch.load(buffer, weights_only=False),
-    ]
-    for other in copies:
-        assert type(other.conv_stem if hasattr(other, "conv_stem") else other.conv1) is type(
-            model.conv_stem if hasattr(model, "conv_stem") else model.conv1
-        )
-        assert [r.as_dict() for r in qb.conversion_report(other)] == [
-            r.as_dict() for r in qb.conversion_report(model)
-        ]
-        with torch.no_grad():
-            assert torch.equal(other(x), expected)
-        # ... and still trains with compressed activations.
-        other.train()
-        report = qb.measure_saved_activations(other, x)
-        assert report.stored_bytes * 4 < report.fp32_bytes
 
 
 def _double_backward_cases():

@@ -25,6 +25,8 @@ def test_every_drop_in_class_pickles_by_name(source):
 
 
 MODELS = {
+    "test_efficientnet": {},
+    "test_resnet": {},
     "convnext_atto": {},
     "mobilenetv3_large_100": {},
     "efficientnetv2_rw_t": {},
@@ -59,3 +61,6 @@ def test_converted_timm_models_round_trip(name):
         other.train()
         other(x).sum().backward()
         assert all(p.grad is None or p.grad.isfinite().all() for p in other.parameters())
+        # ... and still trains with compressed activations.
+        report = qb.measure_saved_activations(other, x)
+        assert report.stored_bytes * 4 < report.fp32_bytes

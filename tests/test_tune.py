@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 
 import qbackprop as qb
 from qbackprop.cli import main
@@ -168,3 +169,26 @@ def test_train_retune_every_rechooses_bits_in_place(tmp_path):
     assert len(tuned.layers) > 0  # one explicit rule per tuned layer
     assert {r.overrides for r in tuned.layers} != {(("bits", 2),)}  # not all left at 2 bits
     assert float(rows[0]["train_loss"]) == float(rows[0]["train_loss"])  # finite, not NaN
+
+
+def test_cli_overrides_reach_the_run_and_the_tuned_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "tuned.yaml"
+    args = [
+        "tune",
+        str(cfg),
+        "--budget",
+        "6x",
+        "--out",
+        str(out),
+        *FAST,
+        "model.input_size=[3,8,8]",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    written = yaml.safe_load(out.read_text())
+    assert written["model"]["input_size"] == [3, 8, 8]
+    assert "model.input_size=[3,8,8]" in out.read_text().splitlines()[0]
+    code = main(["fidelity", str(cfg), *FAST, "train.lr=oops"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.lr" in err and "Traceback" not in err

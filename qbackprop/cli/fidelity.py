@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import config_errors
 from ..fidelity import GROUP_BY, MAX_GROUP_DRAWS, FidelityReport, measure_fidelity
+from .overrides import add_override_parser
 from .table import format_table
 from .warmup_args import add_warmed_model_args, warmed_model_from_args
 
@@ -33,14 +34,14 @@ def add_fidelity_parser(subparsers: argparse._SubParsersAction) -> None:
     Args:
         subparsers: what ``ArgumentParser.add_subparsers`` returned.
     """
-    p = subparsers.add_parser(
+    p = add_override_parser(
+        subparsers,
         "fidelity",
         help="gradient noise of the compression vs fp32 SGD noise, total and per group",
         description="Warm CONFIG's model up at fp32 on its dataset, then measure how much "
         "gradient noise its quant rules add, relative to SGD's own minibatch noise: in total "
         "and per family, block or layer, with a verdict.",
         epilog=FIDELITY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_warmed_model_args(p)
     p.add_argument("--draws", type=int, default=8, metavar="K", help="stochastic draws (8)")

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .overrides import add_override_parser
+
 MiB = 2**20
 
 TRAIN_EPILOG = """KEY=VALUE overrides set any config key by its dotted path; VALUE is read as YAML
@@ -52,35 +54,6 @@ examples:
 """
 
 
-def _is_override(arg: str) -> bool:
-    return "=" in arg and not arg.startswith("-")
-
-
-def _override_parser(base: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
-    class OverrideParser(base):  # type: ignore[misc, valid-type]
-        """Also accepts KEY=VALUE overrides after options: argparse leaves positionals that
-        follow an option over, so they are collected here instead of rejected."""
-
-        def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-            namespace, extras = super().parse_known_args(args, namespace)
-            late = [a for a in extras if _is_override(a)]
-            namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *late]
-            return namespace, [a for a in extras if not _is_override(a)]
-
-    return OverrideParser
-
-
-def _add_parser(subparsers, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    original = subparsers._parser_class  # keep the CLI's parser class (its error handling)
-    subparsers._parser_class = _override_parser(original)
-    try:
-        return subparsers.add_parser(
-            name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
-        )
-    finally:
-        subparsers._parser_class = original
-
-
 def _list_of(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         try:
@@ -110,7 +83,7 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     Args:
         subparsers: what ``ArgumentParser.add_subparsers`` returned.
     """
-    p = _add_parser(
+    p = add_override_parser(
         subparsers,
         "train",
         help="train a config; metrics.csv, checkpoint, resumable",
@@ -123,7 +96,7 @@ def add_train_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUNDIR's run to train.epochs")
     p.set_defaults(func=cmd_train)
 
-    p = _add_parser(
+    p = add_override_parser(
         subparsers,
         "sweep",
         help="bit-width / rounding / bucket / mix grids or the per-block study, K seeds",

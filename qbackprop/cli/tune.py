@@ -12,6 +12,7 @@ import yaml
 
 from ..errors import QbackpropUserError, config_errors
 from ..tune import MiB, TuneResult, parse_budget, tune
+from .overrides import add_override_parser
 from .table import format_table
 from .warmup_args import add_warmed_model_args, warmed_model_from_args
 
@@ -32,14 +33,14 @@ examples:
 
 def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``tune`` subcommand."""
-    p = subparsers.add_parser(
+    p = add_override_parser(
+        subparsers,
         "tune",
         help="per-layer bits from measured sensitivity under a memory budget",
         description="Measure each layer's sensitivity on CONFIG's data and choose its bits "
         "(1..8, with two-bit mixes) so that the saved activations fit --budget with the least "
         "gradient noise; write the result as a config with one rule per layer.",
         epilog=TUNE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_warmed_model_args(p)
     p.add_argument("--budget", required=True, help="2.1 (bits), 15x (ratio) or 24MiB")
@@ -71,12 +72,16 @@ def _print(result: TuneResult, header: str) -> None:
     )
 
 
-def _write(result: TuneResult, config_path: str, out: str) -> None:
+def _write(result: TuneResult, config_path: str, overrides: list[str], out: str) -> None:
     from ..config import load_yaml_file
+    from ..schema import apply_overrides
+    from ..train.config import SECTIONS
 
-    raw = load_yaml_file(config_path)
+    # The overrides were validated when the config was loaded; the file gets them too.
+    raw, _ = apply_overrides(load_yaml_file(config_path), overrides, SECTIONS, config_path)
     raw["quant"] = result.to_yaml_dict()
-    header = f"# qbackprop tune {config_path} --budget {result.budget}: one rule per layer\n"
+    command = " ".join([config_path, *overrides])
+    header = f"# qbackprop tune {command} --budget {result.budget}: one rule per layer\n"
     Path(out).write_text(header + yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -91,7 +96,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             model, config.quant, batches, budget, draws=args.draws, progress=sys.stderr.isatty()
         )
     if args.out:
-        _write(result, args.config, args.out)
+        _write(result, args.config, args.overrides, args.out)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

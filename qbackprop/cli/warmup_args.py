@@ -14,6 +14,7 @@ from ..warmup import WarmedModel, warmed_model
 def add_warmed_model_args(p: argparse.ArgumentParser) -> None:
     """The arguments ``warmed_model_from_args`` reads (and ``--json``)."""
     p.add_argument("config", help="YAML file with model:, quant: and train: sections")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: 32")
     p.add_argument(
         "--warmup-steps", type=int, default=100, metavar="S", help="fp32 steps first (100)"
@@ -43,6 +44,7 @@ def warmed_model_from_args(args: argparse.Namespace) -> WarmedModel:
     _check_args(args)
     return warmed_model(
         args.config,
+        overrides=args.overrides,
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
         checkpoint=args.checkpoint,

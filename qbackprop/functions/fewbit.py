@@ -121,21 +121,6 @@ def _function(name: str) -> Callable[..., torch.Tensor]:
         ) from None
 
 
-@contextlib.contextmanager
-def _single_thread():
-    """Run the DP sweeps on one intra-op thread, restoring the setting afterwards.
-
-    Each sweep is ~0.3 M elements, ~0.2 ms on one core; handing that to a thread pool costs more
-    than it saves, and on a busy machine (other processes on every core) 10-100x more.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def optimal_segments(
     values: torch.Tensor, weights: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +139,6 @@ def optimal_segments(
         ``(starts, levels)``: the start index of runs 2..k (``k - 1`` increasing ints) and the
         weighted mean of each run (``k`` float64).
     """
-    with _single_thread():
-        return _optimal_segments(values, weights, k)
-
-
-def _optimal_segments(
-    values: torch.Tensor, weights: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
     n = values.numel()
     k = max(1, min(k, n))
     v = values.to(torch.float64)

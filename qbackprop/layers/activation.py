@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_me
 from torch import nn
 
 from ..functions import activation as act
@@ -169,12 +171,6 @@ class QuantSoftplus(_ActivationMixin):
 
 # ---- timm's own activation modules ------------------------------------------------------------
 
-try:
-    from timm.layers import activations as timm_act
-    from timm.layers import activations_me as timm_me
-except ImportError:  # timm is optional for the torch layers above
-    timm_act = timm_me = None
-
 
 def _timm_hard_sigmoid_step(x: torch.Tensor, inplace: bool) -> torch.Tensor:
     # timm computes relu6(x + 3) / 6. Out of place relu6 is hardtanh: 0 at both limits and NaN
@@ -197,8 +193,6 @@ def _me_hard_sigmoid_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.T
 @functools.cache
 def timm_activations() -> dict[str, Activation]:
     """``Activation`` descriptors of timm's composite activations, by timm function name."""
-    if timm_act is None:
-        return {}
 
     def smooth(name: str, forward, table: str, autograd_forward=None) -> Activation:
         return Activation(
@@ -272,36 +266,38 @@ def _timm_mixin(source: type[nn.Module], name: str) -> None:
     globals()[cls_name] = _register(source)(cls)
 
 
-if timm_act is not None:
-    # Sigmoid, Tanh, GELU and GELUTanh compute exactly what torch's modules do.
-    _register(timm_act.Sigmoid)(QuantSigmoid)
-    _register(timm_act.Tanh)(QuantTanh)
+# Sigmoid, Tanh, GELU and GELUTanh compute exactly what torch's modules do.
+_register(timm_act.Sigmoid)(QuantSigmoid)
+_register(timm_act.Tanh)(QuantTanh)
 
-    @_register(timm_act.GELU)
-    class QuantTimmGELU(_ActivationMixin):
-        """timm GELU (erf): few-bit derivative codes."""
 
-        def activation(self) -> Activation:
-            return act.gelu("none")
+@_register(timm_act.GELU)
+class QuantTimmGELU(_ActivationMixin):
+    """timm GELU (erf): few-bit derivative codes."""
 
-    @_register(timm_act.GELUTanh)
-    class QuantTimmGELUTanh(_ActivationMixin):
-        """timm GELUTanh: few-bit derivative codes."""
+    def activation(self) -> Activation:
+        return act.gelu("none")
 
-        def activation(self) -> Activation:
-            return act.gelu("tanh")
 
-    for _source, _name in (
-        (timm_act.Swish, "swish"),
-        (timm_act.Mish, "mish"),
-        (timm_act.HardSwish, "hard_swish"),
-        (timm_act.HardSigmoid, "hard_sigmoid"),
-        (timm_act.HardMish, "hard_mish"),
-        (timm_act.QuickGELU, "quick_gelu"),
-        (timm_me.SwishMe, "swish_me"),
-        (timm_me.MishMe, "mish_me"),
-        (timm_me.HardSwishMe, "hard_swish_me"),
-        (timm_me.HardSigmoidMe, "hard_sigmoid_me"),
-        (timm_me.HardMishMe, "hard_mish_me"),
-    ):
-        _timm_mixin(_source, _name)
+@_register(timm_act.GELUTanh)
+class QuantTimmGELUTanh(_ActivationMixin):
+    """timm GELUTanh: few-bit derivative codes."""
+
+    def activation(self) -> Activation:
+        return act.gelu("tanh")
+
+
+for _source, _name in (
+    (timm_act.Swish, "swish"),
+    (timm_act.Mish, "mish"),
+    (timm_act.HardSwish, "hard_swish"),
+    (timm_act.HardSigmoid, "hard_sigmoid"),
+    (timm_act.HardMish, "hard_mish"),
+    (timm_act.QuickGELU, "quick_gelu"),
+    (timm_me.SwishMe, "swish_me"),
+    (timm_me.MishMe, "mish_me"),
+    (timm_me.HardSwishMe, "hard_swish_me"),
+    (timm_me.HardSigmoidMe, "hard_sigmoid_me"),
+    (timm_me.HardMishMe, "hard_mish_me"),
+):
+    _timm_mixin(_source, _name)
