@@ -13,7 +13,6 @@ from bench_zoo_fidelity import CNN_ZOO
 import qbackprop as qb
 
 
-
 def main() -> None:
     torch.set_num_threads(1)
     for name in CNN_ZOO:
