@@ -192,3 +192,52 @@ def test_cli_overrides_reach_the_run_and_the_tuned_file(tmp_path, capsys):
     code = main(["fidelity", str(cfg), *FAST, "train.lr=oops"])
     err = capsys.readouterr().err
     assert code == 2 and "train.lr" in err and "Traceback" not in err
+
+
+def _retune_config(epochs: int, **train):
+    from qbackprop.train.config import run_config_from_dict
+
+    raw = {
+        "model": {"name": "test_resnet", "input_size": [3, 16, 16]},
+        "quant": {"default": {"bits": 2}},
+        "train": {
+            "dataset": "synthetic",
+            "num_samples": 32,
+            "image_size": 16,
+            "batch_size": 16,
+            "epochs": epochs,
+            "device": "cpu",
+            "retune_every": 2,
+            **train,
+        },
+    }
+    return run_config_from_dict(raw, source="retune.yaml")
+
+
+def test_resume_restores_the_retuned_plan(tmp_path):
+    """A re-tuned plan is in the checkpoint: a run resumed after a re-tune goes on with the
+    tuned bits (the same metrics as an uninterrupted run), not with the configured ones."""
+    from qbackprop.surgery import converted_config
+    from qbackprop.train.engine import train
+    from qbackprop.train.metrics import read_metrics
+
+    whole = train(_retune_config(2), tmp_path / "whole", progress=False)
+    train(_retune_config(1), tmp_path / "split", progress=False)
+    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert state["tuned_quant"] is not None  # re-tuned after step 2, the end of epoch 1
+    resumed = train(_retune_config(2), tmp_path / "split", resume=True, progress=False)
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    for key in ("train_loss", "test_loss", "saved_activation_bytes"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert converted_config(resumed.model) == converted_config(whole.model)
+
+
+def test_retune_budget_sets_the_bytes_a_retune_keeps(tmp_path):
+    from qbackprop.train.engine import train
+    from qbackprop.train.metrics import read_metrics
+
+    train(_retune_config(1, retune_budget="4x"), tmp_path / "loose", progress=False)
+    train(_retune_config(1, retune_budget="12x"), tmp_path / "tight", progress=False)
+    (loose,), (tight,) = read_metrics(tmp_path / "loose"), read_metrics(tmp_path / "tight")
+    ratio = lambda r: float(r["fp32_activation_bytes"]) / float(r["saved_activation_bytes"])  # noqa: E731
+    assert ratio(tight) >= 11.0 and ratio(loose) < ratio(tight)

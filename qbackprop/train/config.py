@@ -28,6 +28,28 @@ from qbackprop.schema import (
 
 from .data import DataSpec, download_problems
 
+
+def _is_budget(value: Any) -> bool:
+    from qbackprop.tune import parse_budget
+
+    try:
+        parse_budget(value)
+    except ValueError:
+        return False
+    return not isinstance(value, bool)
+
+
+def _budget() -> schema.Kind:
+    """A ``qbackprop tune --budget`` value, stored as its text."""
+    return schema.Kind(
+        "null, a ratio to fp32 (12x), average bits (2.1) or MiB (24MiB)",
+        _is_budget,
+        str,
+        type_name="str",
+        nullable=True,
+    )
+
+
 _PROBABILITY = number(0.0, 1.0, expected="a probability in [0, 1]")
 
 
@@ -116,7 +138,13 @@ class TrainSpec:
     retune_every: int | None = option(
         None,
         integer(1, nullable=True),
-        "re-run qbackprop tune every this many steps at the bytes quant: keeps (one process)",
+        "re-run qbackprop tune every this many steps (rank 0 tunes, every rank applies it)",
+    )
+    retune_budget: str | None = option(
+        None,
+        _budget(),
+        "the bytes a re-tune keeps: 12x (ratio to fp32), 2.1 (bits) or 24MiB; "
+        "null: the bytes quant: keeps",
     )
     distributed: str = option(
         "ddp",
@@ -129,7 +157,16 @@ class TrainSpec:
 
     @staticmethod
     def cross_problems(values: dict, failed: set, path: str) -> list[Problem]:
-        return download_problems(values["dataset"], values["download"], f"{path}.download")
+        problems = download_problems(values["dataset"], values["download"], f"{path}.download")
+        if values.get("retune_budget") is not None and values.get("retune_every") is None:
+            problems.append(
+                Problem(
+                    f"{path}.retune_budget",
+                    message=f"={values['retune_budget']!r} is set but retune_every is not "
+                    "(the steps between re-tunes)",
+                )
+            )
+        return problems
 
     def data_spec(self, num_classes: int | None = None) -> DataSpec:
         """The DataSpec of this section.

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qbackprop import allocator
+from qbackprop.config import QuantConfig
 from qbackprop.errors import ConfigError, QbackpropUserError
 
 from .checkpoint import CHECKPOINT_NAME, rng_state, save_checkpoint, set_rng_state
@@ -30,6 +31,7 @@ from .distributed import (
     DistContext,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     full_state,
     init_distributed,
     load_full_state,
@@ -158,12 +160,13 @@ class _Trainer:
         self.quant = None
         self.memory = None
         self.fsdp = ctx.distributed and self.spec.distributed == "fsdp"
-        if self.spec.retune_every and ctx.distributed:
+        if self.spec.retune_every and self.fsdp:
             raise QbackpropUserError(
-                f"{config.source}: train.retune_every={self.spec.retune_every} works in one "
-                "process only (each rank would choose its own bits); drop it under torchrun"
+                f"{config.source}: train.retune_every={self.spec.retune_every} needs the whole "
+                "model on every rank (tune measures unsharded layers); use train.distributed=ddp"
             )
         self.retuned = False  # once re-tuned, the tuned config replaces quant_for_epoch's
+        self.base_bytes = 0  # the bytes quant: keeps, the budget of a re-tune without one
         if self.fsdp:
             # Converted (and measured) before sharding; the optimizer then holds the shards.
             self.set_quant(0)
@@ -193,6 +196,9 @@ class _Trainer:
             "config": self.config.to_dict(),
             "best_test_acc": self.best_acc,
             "world_size": self.ctx.world_size,
+            # A re-tuned plan (train.retune_every) is part of the run: --resume restores it.
+            "tuned_quant": self.quant.to_dict() if self.retuned else None,
+            "base_bytes": self.base_bytes,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -212,6 +218,11 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.start_epoch, self.best_acc = state["epoch"], state["best_test_acc"]
+        if state.get("tuned_quant") is not None:
+            tuned = QuantConfig.from_dict(state["tuned_quant"], source=f"{self.config.source} "
+                                          "(the re-tuned plan of the checkpoint)")  # fmt: skip
+            self.base_bytes = state.get("base_bytes", 0)
+            self._apply_tuned(tuned)
 
     # --- one epoch --------------------------------------------------------------------------
 
@@ -280,21 +291,35 @@ class _Trainer:
         }
 
     def retune(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """``qbackprop tune`` on the current weights and this batch, at the bytes the config's
-        own quant section keeps; the model is converted with the result in place."""
-        from ..tune import Budget, MiB, tune
+        """``qbackprop tune`` on the current weights and this batch, at ``train.retune_budget``
+        (default: the bytes the config's own quant section keeps); the model is converted with
+        the result in place. Under DDP rank 0 tunes on its batch and every rank applies its
+        choice, so the ranks keep one plan."""
+        from ..tune import Budget, MiB, parse_budget, tune
 
         if self.memory is None or not self.memory.stored_bytes:
             return
+        if self.spec.retune_budget is not None:
+            budget = parse_budget(self.spec.retune_budget)
+        else:
+            budget = Budget("mib", self.base_bytes / MiB)
+        tuned = None
+        if self.ctx.is_main:
+            was_training = self.model.training
+            devices = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # the training's random streams go on
+                batch = [(images, labels)]
+                result = tune(self.model, self.config.quant, batch, budget, fidelity_draws=0)
+            self.model.train(was_training)
+            tuned = result.config.to_dict()
+        tuned = broadcast_object(tuned, self.ctx)
+        self._apply_tuned(QuantConfig.from_dict(tuned, source=f"{self.config.source} (re-tuned)"))
+
+    def _apply_tuned(self, quant: QuantConfig) -> None:
         was_training = self.model.training
-        budget = Budget("mib", self.base_bytes / MiB)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the training's random streams go on
-            batch = [(images, labels)]
-            result = tune(self.model, self.config.quant, batch, budget, fidelity_draws=0)
-        apply_quant(self.model, result.config, self.config.source)
+        apply_quant(self.model, quant, self.config.source)
         self.model.train(was_training)
-        self.quant, self.retuned = result.config, True
+        self.quant, self.retuned = quant, True
         self.memory = measure_memory(
             self.model, self.train_loader.dataset, self.spec.batch_size, self.spec.seed, self.device
         )
