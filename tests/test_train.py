@@ -383,7 +383,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, run_dir, out_dir):
+def _ddp_worker(rank, world_size, port, run_dir, out_dir, overrides=()):
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -392,9 +392,13 @@ def _ddp_worker(rank, world_size, port, run_dir, out_dir):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    cfg = _config("train.epochs=1", "train.max_steps_per_epoch=1", "train.num_samples=64")
+    cfg = _config(
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.num_samples=64", *overrides
+    )
     result = train(cfg, run_dir, progress=False)
     torch.save(result.model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    plan = [(r.name, r.spec) for r in conversion_report(result.model)]
+    torch.save(plan, os.path.join(out_dir, f"plan{rank}.pt"))
 
 
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
@@ -411,6 +415,26 @@ def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
             continue  # BN statistics are per process; DDP syncs them at the next forward
         assert torch.equal(rank0[key], rank1[key]), key
     assert len(read_metrics(run_dir)) == 1  # rank 0 wrote one row, rank 1 nothing
+
+
+def test_ddp_retune_gives_every_rank_rank0s_plan(tmp_path):
+    """Under DDP rank 0 re-tunes on its batch and every rank applies its choice: one plan,
+    and the parameters stay identical."""
+    overrides = ("train.max_steps_per_epoch=2", "train.retune_every=1", "train.retune_budget=12x")
+    torch.multiprocessing.spawn(
+        _ddp_worker,
+        args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path), overrides),
+        nprocs=2,
+        join=True,
+    )
+    plans = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in (0, 1)]
+    assert plans[0] == plans[1]
+    assert {spec.bits for _, spec in plans[0]} != {2}  # re-tuned, not the configured 2 bits
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in rank0:
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(rank0[key], rank1[key]), key
+    assert [int(r["retunes"]) for r in read_metrics(tmp_path / "ddp")] == [2]
 
 
 def test_missing_dataset_is_a_user_error(tmp_path):
