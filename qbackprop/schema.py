@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .strict_yaml import load_strict
 
 REQUIRED = dataclasses.MISSING
 
@@ -389,7 +390,7 @@ def apply_overrides(
             why = "expected KEY=VALUE, e.g. train.epochs=3"
         else:
             try:
-                why = _set(out, path, yaml.safe_load(value_text) if value_text.strip() else None,
+                why = _set(out, path, load_strict(value_text)[0] if value_text.strip() else None,
                            roots)  # fmt: skip
             except yaml.YAMLError as exc:
                 why = f"{key} value is not valid YAML: {exc}"

@@ -1,9 +1,11 @@
 """Reading a YAML config file: PyYAML's safe loader, except that a key written twice in one
-mapping is an error instead of the last one silently winning. Anchors, aliases and ``<<``
-merges keep their YAML meaning (a key given explicitly overrides the same key merged in)."""
+mapping is an error instead of the last one silently winning, and ``1e-3`` is a number (YAML
+1.2; PyYAML's 1.1 rules read it as a string unless written ``1.0e-3``). Anchors, aliases and
+``<<`` merges keep their YAML meaning (a key given explicitly overrides the same key merged in)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,14 @@ class _StrictLoader(yaml.SafeLoader):
             else:
                 seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# Exponent floats without a dot (1e-3, 5E4): numbers in YAML 1.2 and in every other config format.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_strict(text: str) -> tuple[Any, list[tuple[Any, int, int]]]:

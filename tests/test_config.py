@@ -491,3 +491,14 @@ def test_anchors_and_merges_keep_their_yaml_meaning(tmp_path):
     cfg = load_config(path)
     assert cfg.default.bits == 2
     assert [dict(r.overrides)["bits"] for r in cfg.layers] == [8, 8]
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML's YAML 1.1 rules read ``1e-3`` as a string; configs and overrides read a number."""
+    from qbackprop.train.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: test_resnet}\ntrain: {dataset: digits, lr: 1e-3}\n")
+    assert load_run_config(path).train.lr == 1e-3
+    assert load_run_config(path, ["train.lr=5E-4"]).train.lr == 5e-4
+    assert load_run_config(path, ["train.weight_decay=2e-2"]).train.weight_decay == 0.02
