@@ -3,10 +3,11 @@ several seeds each, with the accuracy curve per epoch per setting.
 
 Each model's config (``configs/study/<model>_digits.yaml`` by default) is trained with:
 
-- ``fp32``: ``quant.default=fp32`` (torch's own modules);
-- ``2bit``: the config's quant section (the uniform 2-bit stochastic preset);
+- ``fp32``: ``quant.default=fp32`` (torch's own modules), no re-tuning;
+- ``2bit``: the config's quant section (the uniform 2-bit stochastic preset), no re-tuning;
 - ``auto``: the same, re-tuned every ``--retune-every`` steps to ``--target`` (default 12x) by
-  ``qbackprop tune``'s sensitivities (``train.retune_every`` / ``train.retune_budget``).
+  ``qbackprop tune``'s sensitivities (``train.retune_every`` / ``train.retune_budget``: what
+  the study configs set, so ``qbackprop train`` on one of them is this setting).
 
 Runs go to ``OUT/<model>/<setting>-seed<k>`` through ``qbackprop.train`` (an interrupted study
 resumes where it stopped). ``OUT/summary.csv`` and ``summary.json`` get the mean and sample
@@ -57,10 +58,11 @@ COLUMNS = (
 
 def setting_overrides(setting: str, target: str, retune_every: int) -> list[str]:
     """The KEY=VALUE overrides that turn a study config into ``setting``."""
+    off = ["train.retune_every=null", "train.retune_budget=null"]
     if setting == "fp32":
-        return ["quant.default=fp32"]
+        return ["quant.default=fp32", *off]
     if setting == "2bit":
-        return []
+        return off
     if setting == "auto":
         return [f"train.retune_every={retune_every}", f"train.retune_budget={target}"]
     raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")

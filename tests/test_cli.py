@@ -68,6 +68,16 @@ def test_convert_prints_plan(tmp_path, capsys):
     assert "conv_stem" in out and "2b stochastic" in out and "ratio" in out
 
 
+def test_convert_says_when_training_retunes_the_plan(tmp_path, capsys):
+    auto = TINY.replace("[3, 32, 32]", "[3, 24, 24]")
+    auto += "train:\n  dataset: digits\n  retune_every: 50\n  retune_budget: 12x\n"
+    code, out, _ = _run(["convert", _write(tmp_path, auto), "--batch-size", "2"], capsys)
+    assert code == 0 and "re-tunes it every 50 steps to 12x" in out
+    assert "example batch of 2x3x24x24" in out  # planned at the model's input size
+    code, out, _ = _run(["convert", _write(tmp_path, TINY), "--batch-size", "2"], capsys)
+    assert code == 0 and "re-tunes" not in out
+
+
 def test_memory_table_and_plot(tmp_path, capsys):
     png = tmp_path / "mem.png"
     code, out, _ = _run(

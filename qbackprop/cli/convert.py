@@ -70,9 +70,30 @@ def _build_converted(args: argparse.Namespace):
     if args.batch_size < 1:
         raise QbackpropUserError([Problem("--batch-size", args.batch_size, ">= 1")])
     model_spec, quant = load_model_and_quant(args.config, args.input_size)
-    model = convert_for_config(model_spec.build(), quant, args.config)
+    model = convert_for_config(model_spec.build(), quant, args.config, model_spec.input_size)
     x = torch.randn(args.batch_size, *model_spec.input_size)
     return model_spec, model, x
+
+
+def _retune_note(path: str) -> str | None:
+    """What training does to this plan when the config re-tunes it (``train.retune_every``)."""
+    from ..config import load_yaml_file
+    from ..errors import ConfigError
+    from ..train.config import TrainSpec
+
+    raw = load_yaml_file(path).get("train")
+    if not isinstance(raw, dict) or raw.get("retune_every") is None:
+        return None
+    try:
+        spec = TrainSpec.from_dict(raw, source=path)
+    except ConfigError:
+        return None  # `qbackprop validate` names the problem; convert shows the quant plan
+    budget = spec.retune_budget or "the bytes of this plan"
+    return (
+        f"auto bits: training starts from this plan and re-tunes it every {spec.retune_every} "
+        f"steps to {budget} (qbackprop tune on the current weights; the plan in use is saved "
+        "in every checkpoint)"
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -109,6 +130,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             **{k: v for k, v in report.to_dict().items() if k != "layers"},
             "sharing_plan": sharing_summary(model),
+            "retune": _retune_note(args.config),
             "layers": layers,
         }
         print(json.dumps(out, indent=2))
@@ -127,6 +149,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{100 * report.compressed_fraction:.1f}% of fp32 bytes compressed"
     )
     print(f"sharing plan: {sharing_summary(model) or 'none needed'}")
+    note = _retune_note(args.config)
+    if note:
+        print(note)
     tuned = allocator.allocator_settings()
     print(
         "host allocator: "

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, config_errors
@@ -47,8 +48,9 @@ def load_model_and_quant(path: str, input_size: Sequence[int] | None = None):
     return model_spec, quant
 
 
-def convert_for_config(model: nn.Module, quant, path: str) -> nn.Module:
-    """``convert_model(model, quant)``, its config errors naming ``path``.
+def convert_for_config(model: nn.Module, quant, path: str, input_size=None) -> nn.Module:
+    """``convert_model(model, quant)``, its config errors naming ``path``; the planning
+    forward runs on two random images of ``input_size`` (the model's, when given).
 
     The "nothing to convert" warning is silenced, only here: the commands print how many
     layers were converted, which says the same.
@@ -57,4 +59,5 @@ def convert_for_config(model: nn.Module, quant, path: str) -> nn.Module:
 
     with config_errors(path), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nothing to convert.*")
-        return convert_model(model, quant)
+        example = None if input_size is None else torch.randn(2, *input_size)
+        return convert_model(model, quant, example_input=example)

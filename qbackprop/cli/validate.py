@@ -35,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if "train" in raw:  # a training config: every section, and that model and data agree
         run_config_from_dict(raw, source=args.config)
     model_spec, quant = load_model_and_quant(args.config)
-    model = convert_for_config(model_spec.build(), quant, args.config)
+    model = convert_for_config(model_spec.build(), quant, args.config, model_spec.input_size)
     plan = conversion_report(model)
     converted = sum(r.converted for r in plan)
     print(f"{args.config}: OK ({model_spec.name}, {converted} of {len(plan)} layers converted)")
