@@ -74,13 +74,21 @@ def _(x: torch.Tensor, spec: str, n_mixed: int) -> list[torch.Tensor]:
     return [x.new_empty(n, dtype=dtype) for n, dtype in layout_sizes(qspec, layout, n_mixed)]
 
 
-def _triton_layout(
-    qspec: QuantSpec, layout: Buckets, n_mixed: int, numel: int, dtype: torch.dtype
+def _triton_bits(
+    qspec: QuantSpec,
+    layout: Buckets,
+    n_mixed: int,
+    numel: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> int:
-    """The code width when the hand-written Triton kernels apply to this tensor, else 0.
+    """The code width when the hand-written Triton kernels apply to this tensor, else 0: the
+    one decision compress and decompress both take, so a tensor never goes one way and back
+    the other.
 
     They cover the common case: minmax scale, one width of 1..8 bits, the flat layout of a
-    dense tensor split into buckets of whole 64-code blocks with no padding, fp32/fp16/bf16."""
+    dense tensor split into buckets of whole 64-code blocks with no padding, fp32/fp16/bf16,
+    on a device the kernels run on (``triton_kernels.runs_on``)."""
     bits = qspec.mix_bits if n_mixed else qspec.bits
     if (
         qspec.scale != Scale.MINMAX
@@ -91,6 +99,7 @@ def _triton_layout(
         or layout.padded_numel != numel
         or layout.bucket_len % 64
         or dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        or not triton_kernels.runs_on(device, layout.bucket_len)
     ):
         return 0
     return bits
@@ -101,23 +110,14 @@ def compress_triton_or_eager(x: torch.Tensor, spec: str, n_mixed: int) -> list[t
     applies (``triton_kernels.py``; same format, nearest codes bit for bit), else eager."""
     qspec = spec_from_key(spec)
     layout = plan_layout(tuple(x.shape), tuple(x.stride()), qspec)
-    bits = _triton_layout(qspec, layout, n_mixed, x.numel(), x.dtype)
+    bits = _triton_bits(qspec, layout, n_mixed, x.numel(), x.dtype, x.device)
     if bits:
         matrix = flat_view(x, layout).view(layout.num_buckets, layout.bucket_len)
-        if triton_kernels.supported(matrix, bits):
-            # The seed is drawn on the device: the host never waits for it.
-            seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64)
-            stochastic = qspec.rounding == Rounding.STOCHASTIC
-            return list(triton_kernels.compress_minmax(matrix, bits, stochastic, seed))
+        # The seed is drawn on the device: the host never waits for it.
+        seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64)
+        stochastic = qspec.rounding == Rounding.STOCHASTIC
+        return list(triton_kernels.compress_minmax(matrix, bits, stochastic, seed))
     return compress_tensors(x, qspec, layout, n_mixed)
-
-
-def _kernels_run_on(device: torch.device, layout: Buckets) -> bool:
-    if layout.bucket_len // 64 > triton_kernels.MAX_BUCKET_BLOCKS:
-        return False
-    if device.type == "cuda":
-        return triton_kernels.compiling()
-    return device.type == "cpu" and triton_kernels.interpreting()
 
 
 def decompress_triton_or_eager(
@@ -131,8 +131,8 @@ def decompress_triton_or_eager(
     """The CUDA kernel of ``qbackprop::decompress`` (see ``compress_triton_or_eager``)."""
     qspec = spec_from_key(spec)
     layout = _layout(qspec, shape, stride)
-    bits = _triton_layout(qspec, layout, n_mixed, math.prod(shape), dtype)
-    if bits and len(tensors) == 3 and _kernels_run_on(tensors[0].device, layout):
+    bits = _triton_bits(qspec, layout, n_mixed, math.prod(shape), dtype, tensors[0].device)
+    if bits and len(tensors) == 3:
         packed, low, step = tensors
         matrix = triton_kernels.decompress_minmax(
             packed, low, step, bits, layout.num_buckets, layout.bucket_len, dtype

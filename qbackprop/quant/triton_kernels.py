@@ -132,13 +132,18 @@ def supported(matrix: torch.Tensor, bits: int) -> bool:
         return False
     if matrix.dim() != 2 or matrix.dtype not in FLOAT_DTYPES or not matrix.is_contiguous():
         return False
-    bucket_len = matrix.shape[1]
+    return runs_on(matrix.device, matrix.shape[1])
+
+
+def runs_on(device: torch.device, bucket_len: int) -> bool:
+    """Whether the kernels run on ``device`` for buckets of ``bucket_len`` codes: whole 64-code
+    blocks, at most ``MAX_BUCKET_BLOCKS`` of them, and CUDA (``compiling()``) or the CPU under
+    ``TRITON_INTERPRET=1`` (``interpreting()``). The one test compress and decompress share."""
     if bucket_len == 0 or bucket_len % BLOCK or bucket_len // BLOCK > MAX_BUCKET_BLOCKS:
         return False
-    device = matrix.device.type
-    if device == "cuda":
+    if device.type == "cuda":
         return compiling()
-    return device == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting()
 
 
 def _geometry(bits: int) -> dict[str, int]:
