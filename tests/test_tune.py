@@ -241,3 +241,19 @@ def test_retune_budget_sets_the_bytes_a_retune_keeps(tmp_path):
     (loose,), (tight,) = read_metrics(tmp_path / "loose"), read_metrics(tmp_path / "tight")
     ratio = lambda r: float(r["fp32_activation_bytes"]) / float(r["saved_activation_bytes"])  # noqa: E731
     assert ratio(tight) >= 11.0 and ratio(loose) < ratio(tight)
+
+
+def test_convert_shows_the_plan_a_run_retuned_to(tmp_path, capsys):
+    from qbackprop.train.engine import train
+
+    config = _retune_config(1, retune_budget="12x")
+    train(config, tmp_path / "run", progress=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["convert", str(cfg), "--json"]) == 0
+    configured = json.loads(capsys.readouterr().out)
+    assert main(["convert", str(cfg), "--json", "--checkpoint", str(tmp_path / "run")]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert "re-tuned bits" in tuned["run_plan"] and configured["run_plan"] is None
+    assert tuned["ratio"] > configured["ratio"]  # 12x, where the configured 2 bits keep less
+    assert [r["spec"] for r in tuned["layers"]] != [r["spec"] for r in configured["layers"]]

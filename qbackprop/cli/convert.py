@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from ..errors import QbackpropUserError
+from ..errors import QbackpropUserError, config_errors
 from ..schema import Problem
 from .loading import convert_for_config, load_model_and_quant
 from .table import format_table
@@ -46,6 +46,12 @@ def add_convert_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--save", metavar="PATH", help="write a state_dict a plain model loads")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="checkpoint.pt or run dir of qbackprop train: show the plan that run used last "
+        "(its re-tuned bits, with train.retune_every)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = subparsers.add_parser(
@@ -64,15 +70,43 @@ def add_convert_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_memory)
 
 
+def _run_quant(path: str):
+    """``(quant, epoch)`` of the re-tuned plan a ``qbackprop train`` checkpoint holds, or
+    ``(None, epoch)`` when that run kept its configured plan."""
+    from pathlib import Path
+
+    from ..config import QuantConfig
+    from ..train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    file = Path(path) / CHECKPOINT_NAME if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise QbackpropUserError(f"--checkpoint={path!r}: no {CHECKPOINT_NAME} there")
+    state = load_checkpoint(file)
+    tuned = state.get("tuned_quant")
+    if tuned is None:
+        return None, state.get("epoch")
+    with config_errors(str(file)):
+        return QuantConfig.from_dict(tuned, source=f"{file} (re-tuned plan)"), state.get("epoch")
+
+
 def _build_converted(args: argparse.Namespace):
     import torch
 
     if args.batch_size < 1:
         raise QbackpropUserError([Problem("--batch-size", args.batch_size, ">= 1")])
     model_spec, quant = load_model_and_quant(args.config, args.input_size)
+    run_plan = None
+    if getattr(args, "checkpoint", None):
+        tuned, epoch = _run_quant(args.checkpoint)
+        run_plan = (
+            f"plan: the re-tuned bits of {args.checkpoint} (after epoch {epoch})"
+            if tuned is not None
+            else f"plan: {args.checkpoint} (epoch {epoch}) kept the configured bits"
+        )
+        quant = tuned or quant
     model = convert_for_config(model_spec.build(), quant, args.config, model_spec.input_size)
     x = torch.randn(args.batch_size, *model_spec.input_size)
-    return model_spec, model, x
+    return model_spec, model, x, run_plan
 
 
 def _retune_note(path: str) -> str | None:
@@ -101,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..memory import measure_saved_activations
     from ..surgery import conversion_report, sharing_summary
 
-    model_spec, model, x = _build_converted(args)
+    model_spec, model, x, run_plan = _build_converted(args)
     report = measure_saved_activations(model, x)
     if report.fallback_fraction > FALLBACK_WARN_FRACTION:
         print(
@@ -130,6 +164,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             **{k: v for k, v in report.to_dict().items() if k != "layers"},
             "sharing_plan": sharing_summary(model),
+            "run_plan": run_plan,
             "retune": _retune_note(args.config),
             "layers": layers,
         }
@@ -149,6 +184,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{100 * report.compressed_fraction:.1f}% of fp32 bytes compressed"
     )
     print(f"sharing plan: {sharing_summary(model) or 'none needed'}")
+    if run_plan:
+        print(run_plan)
     note = _retune_note(args.config)
     if note:
         print(note)
@@ -166,7 +203,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from ..blocks import block_namer
     from ..memory import measure_saved_activations
 
-    model_spec, model, x = _build_converted(args)
+    model_spec, model, x, _ = _build_converted(args)
     report = measure_saved_activations(model, x)
     rows = report.grouped(block_namer(model)) if args.by == "block" else report.rows
     if args.json:
