@@ -3,8 +3,9 @@ auto (bits re-tuned per layer to 12x less saved memory than fp32).
 
 The main job of ``make demo``: offline (scikit-learn's bundled digits), a few minutes on two
 CPU cores. Each variant trains the same config from the same seed; only ``quant.default``
-(and, for auto, ``train.retune_every`` / ``train.retune_budget``) differs. Prints one table (test accuracy, measured saved-activation MiB per training step,
-memory ratio and step-time ratio vs fp32) and writes a plot of test accuracy per epoch.
+(and, for auto, ``train.retune_every`` / ``train.retune_budget``) differs. Prints one table
+(test accuracy, measured saved-activation MiB per training step, memory ratio and step-time
+ratio vs fp32) and writes a plot of test accuracy per epoch.
 """
 
 from __future__ import annotations
