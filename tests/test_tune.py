@@ -143,26 +143,10 @@ def test_cli_bad_budget_exits_2(tmp_path, capsys):
 
 def test_train_retune_every_rechooses_bits_in_place(tmp_path):
     from qbackprop.surgery import converted_config
-    from qbackprop.train.config import run_config_from_dict
     from qbackprop.train.engine import train
     from qbackprop.train.metrics import read_metrics
 
-    raw = {
-        "model": {"name": "test_resnet", "input_size": [3, 16, 16]},
-        "quant": {"default": {"bits": 2}},
-        "train": {
-            "dataset": "synthetic",
-            "num_samples": 32,
-            "image_size": 16,
-            "batch_size": 16,
-            "epochs": 1,
-            "device": "cpu",
-            "retune_every": 1,
-        },
-    }
-    result = train(
-        run_config_from_dict(raw, source="retune.yaml"), tmp_path / "run", progress=False
-    )
+    result = train(_retune_config(1, retune_every=1), tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
     assert [int(r["retunes"]) for r in rows] == [2]  # 2 steps, one re-tune after each
     tuned = converted_config(result.model)
